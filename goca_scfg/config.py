@@ -1,0 +1,143 @@
+"""Frozen configuration dataclasses for S-CFG guidance and GoCA segmentation, with named presets.
+
+Defaults are the constants of the authors' released code (ALGORITHM.md §1, §2.9); each cites its source.
+Configs are inputs only: nothing in the library mutates them (derive variants with `dataclasses.replace`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+SSGCVariant = Literal["official", "paper"]
+HeadMethod = Literal["dot", "average"]
+LayerMethod = Literal["similarity", "average"]
+RescaleMethod = Literal["sum1", "none"]
+TokenSet = Literal["caption", "content"]
+
+_SEGMENTORS = ("scfg", "goca")
+
+
+def _check_choice(obj: object, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ValueError(f"{type(obj).__name__}.{name}={value!r} is not one of {allowed}")
+
+
+@dataclass(frozen=True)
+class SCFGConfig:
+    """Per-region guidance (S-CFG rate, ALGORITHM §1.4) and the official S-CFG segmentation (§1.3).
+
+    The rate fields are used by every segmentor; `ssgc`, `ratios` and `smooth_maps` only by `segmentor="scfg"`.
+    """
+
+    rate_min: float = 0.8  # SCFG sd/sd.py L149: clamp(0.8, 3.0)
+    rate_max: float = 3.0  # SCFG sd/sd.py L149
+    cap_numerator: float = 15.0  # SCFG sd/sd.py L150: rate <= 15 / w
+    smooth_rate: bool = True  # SCFG sd/sd.py L153-158: 3x3 sigma=0.5-quirk blur of the rate map
+    region_eps: float = 1e-8  # SCFG sd/sd.py L133, L137, L146: epsilons of the region means and ratio
+    ssgc: SSGCVariant = "official"  # SCFG sd/utils.py L224-231: (S + 3 S^2)/4; "paper": mean of S..S^4
+    ratios: tuple[int, ...] = (4, 8)  # SCFG sd/utils.py L212: maps at latent/4 and latent/8; masks at latent/4
+    smooth_maps: bool = True  # SCFG sd/utils.py L245-252: 3x3 blur of every token map
+    norm_eps: float = 1e-8  # SCFG sd/utils.py L254: per-token spatial mean normalisation
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "ssgc", ("official", "paper"))
+        if not self.ratios or any(int(r) != r or r < 1 or (r & (r - 1)) for r in self.ratios):
+            raise ValueError(f"SCFGConfig.ratios={self.ratios!r} must be non-empty powers of two (e.g. (4, 8))")
+        if tuple(sorted(self.ratios)) != tuple(self.ratios):
+            raise ValueError(f"SCFGConfig.ratios={self.ratios!r} must be increasing; masks use the first")
+        if not 0 < self.rate_min <= self.rate_max:
+            raise ValueError(f"need 0 < rate_min <= rate_max, got {self.rate_min}, {self.rate_max}")
+        if self.cap_numerator <= 0:
+            raise ValueError(f"SCFGConfig.cap_numerator must be > 0, got {self.cap_numerator}")
+
+    @classmethod
+    def official(cls) -> SCFGConfig:
+        """The released S-CFG code (SCFG commit 4e5c9a7)."""
+        return cls()
+
+    @classmethod
+    def paper(cls) -> SCFGConfig:
+        """As `official()` but with the paper's SSGC (mean of S, S², S³, S⁴) instead of the code's (S + 3S²)/4."""
+        return cls(ssgc="paper")
+
+
+@dataclass(frozen=True)
+class GoCAConfig:
+    """GoCA segmentation inside S-CFG (ALGORITHM §2); `GoCAConfig()` is the released `config_model_15.py`.
+
+    Layer names are diffusers block prefixes (`up_blocks.2.attentions.1`); `None` resolves them from the UNet's
+    structure so that any SD-v1.x/2.x-shaped UNet works (`capture.resolve_goca_layers`).
+    Fast-mode switches (`layer_refresh`, `layer_query_stride`) trade exactness for speed; both off by default.
+    """
+
+    head: HeadMethod = "dot"  # cfg15 L22 'dot-product w/o clamp'; vanilla 'average' (cfg15v L18)
+    layer: LayerMethod = "similarity"  # cfg15 L27 'dot-product similarity'; vanilla 'vanilla' (cfg15v L30)
+    rescale: RescaleMethod = "sum1"  # cfg15 L38 'sum-1 rescaling + per-token renorm+'; vanilla L35
+    tokens: TokenSet = "caption"  # u15 L318-321: all caption tokens; "content": paper Eq. 11 (no stop words)
+    propagation_order: int = 2  # cfg15 L74-79 postprocess order
+    dense_layer: str | None = None  # cfg15 L43: up_blocks.2.attentions.1 (attn2 query) in SD v1.5
+    self_layers: tuple[str, ...] | None = None  # cfg15 L65-72: up_blocks.3.attentions.{0,1}, down_blocks.0.attentions.1
+    cross_layers: tuple[str, ...] | None = None  # cfg15 L45-62: every transformer block
+    blur_kernel: int = 5  # u15 L337-339: torchvision gaussian_blur kernel 5
+    blur_sigma: float = 1.1  # 0.3 * ((5 - 1) / 2 - 1) + 0.8, torchvision's default for kernel 5
+    fg_threshold: float = 0.5  # u15 L421, L431-434: fg = [s < 0.5]
+    eps: float = 1e-12  # guards divisions the released code leaves unguarded (ALGORITHM §5.14)
+    layer_refresh: int = 1  # fast mode: recompute layer weights every k steps (1 = every step, exact)
+    layer_query_stride: int = 1  # fast mode: similarity on every k-th dense query row (1 = all rows, exact)
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "head", ("dot", "average"))
+        _check_choice(self, "layer", ("similarity", "average"))
+        _check_choice(self, "rescale", ("sum1", "none"))
+        _check_choice(self, "tokens", ("caption", "content"))
+        for name in ("propagation_order", "layer_refresh", "layer_query_stride"):
+            value = getattr(self, name)
+            if int(value) != value or value < (0 if name == "propagation_order" else 1):
+                raise ValueError(f"GoCAConfig.{name}={value!r} must be a whole number >= 1 (order: >= 0)")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError(f"GoCAConfig.blur_kernel={self.blur_kernel} must be odd and positive")
+        if self.self_layers is not None and not self.self_layers and self.propagation_order:
+            raise ValueError("GoCAConfig.self_layers is empty but propagation_order > 0")
+        if self.cross_layers is not None and not self.cross_layers:
+            raise ValueError("GoCAConfig.cross_layers must name at least one block")
+
+    @classmethod
+    def released(cls) -> GoCAConfig:
+        """The released GoCA generation config (`config_model_15.py`)."""
+        return cls()
+
+    @classmethod
+    def vanilla(cls) -> GoCAConfig:
+        """The released vanilla config (`config_model_15_vanilla.py`): the three Table-2 switches off."""
+        return cls(head="average", layer="average", rescale="none")
+
+    @classmethod
+    def paper(cls) -> GoCAConfig:
+        """As `released()` but rescaling over content tokens only (paper Eq. 11)."""
+        return cls(tokens="content")
+
+    @classmethod
+    def fast(cls, refresh: int = 5, query_stride: int = 2) -> GoCAConfig:
+        """Opt-in fast mode: layer weights refreshed every `refresh` steps on every `query_stride`-th dense row."""
+        return cls(layer_refresh=refresh, layer_query_stride=query_stride)
+
+    def is_exact(self) -> bool:
+        """True when no fast-mode approximation is on."""
+        return self.layer_refresh == 1 and self.layer_query_stride == 1
+
+
+def check_segmentor(segmentor: str | None) -> str | None:
+    """Validate the pipeline's `segmentor` argument."""
+    if segmentor is None or segmentor in _SEGMENTORS:
+        return segmentor
+    raise ValueError(f"unknown segmentor {segmentor!r}; expected one of {_SEGMENTORS} or None (plain CFG)")
+
+
+def describe(config: SCFGConfig | GoCAConfig) -> dict:
+    """Plain-dict view of a config, for manifests."""
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+__all__ = ["SCFGConfig", "GoCAConfig", "check_segmentor", "describe", "replace"]

@@ -1,0 +1,20 @@
+"""Test hygiene: offline hub, one torch thread (ENVIRONMENT.md), shared tiny fixtures."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_components_factory():
+    """Builds fresh tiny components (the same weights every time) for a scheduler name."""
+    from goca_scfg.testing import tiny_components
+
+    return tiny_components
