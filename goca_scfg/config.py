@@ -78,7 +78,9 @@ class GoCAConfig:
     tokens: TokenSet = "caption"  # u15 L318-321: all caption tokens; "content": paper Eq. 11 (no stop words)
     propagation_order: int = 2  # cfg15 L74-79 postprocess order
     dense_layer: str | None = None  # cfg15 L43: up_blocks.2.attentions.1 (attn2 query) in SD v1.5
-    self_layers: tuple[str, ...] | None = None  # cfg15 L65-72: up_blocks.3.attentions.{0,1}, down_blocks.0.attentions.1
+    self_layers: tuple[str, ...] | None = (
+        None  # cfg15 L65-72: up_blocks.3.attentions.{0,1}, down_blocks.0.attentions.1
+    )
     cross_layers: tuple[str, ...] | None = None  # cfg15 L45-62: every transformer block
     blur_kernel: int = 5  # u15 L337-339: torchvision gaussian_blur kernel 5
     blur_sigma: float = 1.1  # 0.3 * ((5 - 1) / 2 - 1) + 0.8, torchvision's default for kernel 5

@@ -1,0 +1,296 @@
+"""GoCA segmentation inside S-CFG (ALGORITHM §2): head-wise and layer-wise auto aggregation of the cross maps,
+per-pixel rescaling over the caption tokens, self-attention propagation, region masks and the `<sos>` foreground.
+
+Pure tensor functions in fp32; `goca_segment` wires them over one UNet call. Every sample of the batch is segmented
+from its own prompt (the released code handles batch 1 only). Exact shortcuts of ALGORITHM §4.3 are used: head
+weights without a per-head (H, N, C) stack, the pseudo self-attention once per call, even query rows + 2×2 key
+pooling for latent-resolution self maps, and S·X as fused attention with the maps as values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import GoCAConfig
+from ..ops import (
+    attention_probs,
+    gaussian_taps,
+    minmax_per_token,
+    resize_bilinear,
+    resize_nearest,
+    smooth,
+    split_cfg,
+    to_grid,
+)
+
+# ----------------------------------------------------------------------------------------------- §2.3 heads
+
+
+def head_weights_dot_product(out_heads: Tensor, w_out: Tensor, heads: int, eps: float) -> Tensor:
+    """w_h(p) = ⟨u_h(p), s(p)⟩ / Σ_h' ⟨u_h'(p), s(p)⟩ with u_h = o_h·W_h, s = Σ_h u_h (ALGORITHM §2.3, §4.3).
+
+    out_heads: (B, N, C) per-head outputs before the out-projection; w_out: (C_out, C). Returns (B, H, N); weights
+    sum to 1 per pixel and may be negative. Computed as ⟨o_h, (s·W_o)_h⟩, no (H, N, C) stack.
+    Deviation: Σ_h c_h = ‖s‖² is floored at `eps` (the released code divides unguarded, §5.14).
+    """
+    o = out_heads.float()
+    w = w_out.float()
+    s = o @ w.t()  # (B, N, C_out): out-projection without bias
+    g = s @ w  # (B, N, C): s pulled back through W_o
+    b, n, c = o.shape
+    contrib = (o * g).view(b, n, heads, c // heads).sum(-1)  # (B, N, H) = c_h(p)
+    total = contrib.sum(-1, keepdim=True)
+    return (contrib / total.clamp_min(eps)).transpose(1, 2)
+
+
+def head_weights_average(batch: int, heads: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """w_h(p) = 1/H, the vanilla head aggregation (ALGORITHM §2.3 'average'). Returns (B, H, N)."""
+    return torch.full((batch, heads, n), 1.0 / heads, device=device)
+
+
+def aggregate_heads(probs: Tensor, weights: Tensor) -> Tensor:
+    """A(p, t) = Σ_h w_h(p)·P_h(p, t) (ALGORITHM §2.3). probs: (B, H, N, T); weights: (B, H, N) → (B, N, T)."""
+    return torch.einsum("bhnt,bhn->bnt", probs.float(), weights.float())
+
+
+# ----------------------------------------------------------------------------------------------- §2.4 layers
+
+
+def pseudo_self_attention(dense: Tensor, query_stride: int = 1) -> Tensor:
+    """P = softmax_row(F Fᵀ/√C) from the dense feature, all channels as one head (ALGORITHM §2.4 step 1).
+
+    dense: (B, Nd, C) → (B, Nd', Nd) with the query rows 0, k, 2k, … when `query_stride` = k (fast mode).
+    """
+    f = dense.float()
+    return torch.softmax(f[:, ::query_stride] @ f.transpose(1, 2) / f.shape[-1] ** 0.5, dim=-1)
+
+
+def resize_self_map(attn_self: Tensor, hw: tuple[int, int], dense_hw: tuple[int, int]) -> Tensor:
+    """T̃: resize key dims bilinearly, then query dims by nearest, to the dense grid (ALGORITHM §2.4 step 3).
+
+    attn_self: (B, N, N) head-mean self map on grid `hw` → (B, Nd, Nd). The naive 4-D form; exact for any sizes.
+    """
+    b = attn_self.shape[0]
+    (h, w), (dh, dw) = hw, dense_hw
+    keys = resize_bilinear(attn_self.float().reshape(b * h * w, 1, h, w), dense_hw)  # (B·N, 1, dh, dw)
+    queries = keys.reshape(b, h, w, dh * dw).permute(0, 3, 1, 2)  # (B, Nd_keys, h, w)
+    queries = resize_nearest(queries, dense_hw)
+    return queries.flatten(2).transpose(1, 2)
+
+
+def layer_similarity(
+    pseudo: Tensor,
+    self_q: Tensor,
+    self_k: Tensor,
+    heads: int,
+    scale: float,
+    hw: tuple[int, int],
+    dense_hw: tuple[int, int],
+    query_stride: int = 1,
+) -> Tensor:
+    """s_ℓ = Σ_{p,k} P(p,k)·T̃_ℓ(p,k) per sample (ALGORITHM §2.4 steps 2–4), without N×N maps at latent size.
+
+    pseudo: (B, Nd', Nd) from `pseudo_self_attention` with the same `query_stride`; self_q, self_k: (B, N, C) of
+    the block's attn1. A grid twice the dense grid uses even query rows and 2×2 key pooling (exactly the
+    bilinear/nearest resize, §4.3), one head at a time; other grids use `resize_self_map`. Returns (B,).
+    """
+    b = self_q.shape[0]
+    (h, w), (dh, dw) = hw, dense_hw
+    if (h, w) == (2 * dh, 2 * dw):
+        q = self_q.float().view(b, h, w, -1)[:, ::2, ::2].reshape(b, dh * dw, -1)[:, ::query_stride]
+        k = self_k.float()
+        d = q.shape[-1] // heads
+        acc = torch.zeros(b, q.shape[1], dh * dw, device=q.device)
+        for i in range(heads):
+            sl = slice(i * d, (i + 1) * d)
+            probs = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) * scale, dim=-1)  # (B, Nd', N)
+            pooled = F.avg_pool2d(probs.reshape(-1, 1, h, w), 2).reshape(b, q.shape[1], dh * dw)
+            acc += pooled
+        return (pseudo * acc).sum(dim=(1, 2)) / heads
+    full = attention_probs(self_q, self_k, heads, scale, head_mean=True)
+    return (pseudo * resize_self_map(full, hw, dense_hw)[:, ::query_stride]).sum(dim=(1, 2))
+
+
+def layer_weights_similarity(sims: Tensor, eps: float) -> Tensor:
+    """w_ℓ = max(s_ℓ, 0) / Σ_ℓ' max(s_ℓ', 0) (ALGORITHM §2.4 step 5). sims: (B, L) → (B, L).
+
+    Deviation: the denominator is floored at `eps` (unguarded in the released code).
+    """
+    pos = sims.float().clamp_min(0)
+    return pos / pos.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+def aggregate_layers(maps: list[Tensor], weights: Tensor, latent_hw: tuple[int, int], eps: float) -> Tensor:
+    """G = renorm_tokens(relu(Σ_ℓ w_ℓ·bilinear_to_latent(A_ℓ))) (ALGORITHM §2.4 step 6).
+
+    maps: per layer (B, T, h, w); weights: (B, L). Returns (B, T, H, W), ≥ 0, summing to 1 over tokens.
+    Deviation: the token sum is floored at `eps` (unguarded in the released code).
+    """
+    total = None
+    for i, a in enumerate(maps):
+        term = resize_bilinear(a.float(), latent_hw) * weights[:, i].view(-1, 1, 1, 1)
+        total = term if total is None else total + term
+    total = total.clamp_min(0)
+    return total / total.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+# ----------------------------------------------------------------------------------------------- §2.5 rescale
+
+
+def rescale_sum_one(agg: Tensor, rescale_tokens: Tensor, eps: float) -> Tensor:
+    """R(p, t) = G(p, t) / Σ_{j∈J} G(p, j) for all t (ALGORITHM §2.5 step 1, paper Eq. 11).
+
+    agg: (B, T, H, W); rescale_tokens: (B, T) bool J. Deviation: the factor is floored at `eps` (unguarded in the
+    released code, and an empty caption makes it 0).
+    """
+    factor = (agg * rescale_tokens.to(agg.dtype).view(*rescale_tokens.shape, 1, 1)).sum(dim=1, keepdim=True)
+    return agg / factor.clamp_min(eps)
+
+
+def renorm_per_token(maps: Tensor, taps: Tensor, eps: float) -> Tensor:
+    """Per-token blur (k=5, σ=1.1, reflect) then min–max to [0, 1] ("renorm+", ALGORITHM §2.5 steps 2–3, Eq. 12)."""
+    return minmax_per_token(smooth(maps, taps), eps)
+
+
+# ----------------------------------------------------------------------------------------------- §2.6 propagate
+
+
+def propagate_self_attention(
+    maps: Tensor, queries: list[Tensor], keys: list[Tensor], heads: list[int], scales: list[float], order: int
+) -> Tensor:
+    """C ← S^order·C with S = mean over blocks and heads of softmax(Q Kᵀ·scale) (ALGORITHM §2.6, §4.3).
+
+    maps: (B, T, H, W); queries/keys: per block (B, N, C) at latent resolution (N = H·W). S is never formed: each
+    product is a fused attention call with the maps as values. Returns (B, T, H, W).
+    """
+    b, t, hh, ww = maps.shape
+    x = maps.float().flatten(2).transpose(1, 2)  # (B, N, T)
+    for _ in range(order):
+        acc = torch.zeros_like(x)
+        for q, k, n_heads, scale in zip(queries, keys, heads, scales):
+            qh = q.float().view(b, hh * ww, n_heads, -1).transpose(1, 2)
+            kh = k.float().view(b, hh * ww, n_heads, -1).transpose(1, 2)
+            v = x.unsqueeze(1).expand(b, n_heads, hh * ww, t)
+            acc += F.scaled_dot_product_attention(qh, kh, v, scale=scale).mean(dim=1)
+        x = acc / len(queries)
+    return x.transpose(1, 2).reshape(b, t, hh, ww)
+
+
+# ----------------------------------------------------------------------------------------------- §2.7 masks
+
+
+def goca_region_masks(pos: Tensor, live_tokens: Tensor) -> Tensor:
+    """M_t = [pos_t is the max over tokens] after zeroing pads t >= n+1; `<sos>` competes (ALGORITHM §2.7).
+
+    pos: (B, T, H, W) in [0, 1]; live_tokens: (B, T) bool (`<sos>` + caption). Ties give several ones (§5.4).
+    """
+    pos = pos * live_tokens.to(pos.dtype).view(*live_tokens.shape, 1, 1)
+    return (pos == pos.amax(dim=1, keepdim=True)).float()
+
+
+def foreground_from_sos(sos: Tensor, threshold: float = 0.5) -> Tensor:
+    """fg(p) = [s(p) < threshold] for the processed uncond `<sos>` map s (ALGORITHM §2.7). (B,1,H,W) → float."""
+    return (sos < threshold).float()
+
+
+# ----------------------------------------------------------------------------------------------- wiring
+
+
+@dataclass(frozen=True)
+class CrossLayerInputs:
+    """One aggregated block for the whole CFG batch (2B first): per-head cross probs (2B, H, N, T), per-head outputs
+    (2B, N, C) and W_o (C_out, C) of its attn2, its attn1 queries/keys (2B, N, C) for the layer similarity."""
+
+    probs: Tensor
+    out_heads: Tensor
+    w_out: Tensor
+    hw: tuple[int, int]
+    self_q: Tensor | None = None
+    self_k: Tensor | None = None
+    self_heads: int = 1
+    self_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class PropagationInputs:
+    """Cond-half queries and keys (B, N, C) of the propagation blocks at latent resolution (ALGORITHM §2.6)."""
+
+    queries: list[Tensor]
+    keys: list[Tensor]
+    heads: list[int]
+    scales: list[float]
+
+
+def goca_layer_weights(
+    layers: list[CrossLayerInputs], dense: Tensor, dense_hw: tuple[int, int], config: GoCAConfig
+) -> Tensor:
+    """Layer weights (2B, L) by the configured method (ALGORITHM §2.4 steps 1–5; 'average' gives 1/L)."""
+    batch = layers[0].probs.shape[0]
+    if config.layer == "average":
+        return torch.full((batch, len(layers)), 1.0 / len(layers), device=layers[0].probs.device)
+    pseudo = pseudo_self_attention(dense, config.layer_query_stride)
+    sims = torch.stack(
+        [
+            layer_similarity(
+                pseudo, x.self_q, x.self_k, x.self_heads, x.self_scale, x.hw, dense_hw, config.layer_query_stride
+            )
+            for x in layers
+        ],
+        dim=1,
+    )
+    return layer_weights_similarity(sims, config.eps)
+
+
+def goca_aggregate(
+    layers: list[CrossLayerInputs], layer_weights: Tensor, latent_hw: tuple[int, int], config: GoCAConfig
+) -> Tensor:
+    """G for both CFG halves (2B, T, H, W): head aggregation per block, then the weighted layer sum (§2.3–2.4)."""
+    maps = []
+    for x in layers:
+        batch, heads, n, _ = x.probs.shape
+        if config.head == "dot":
+            weights = head_weights_dot_product(x.out_heads, x.w_out, heads, config.eps)
+        else:
+            weights = head_weights_average(batch, heads, n, x.probs.device)
+        maps.append(to_grid(aggregate_heads(x.probs, weights), x.hw))
+    return aggregate_layers(maps, layer_weights, latent_hw, config.eps)
+
+
+def goca_segment(
+    agg: Tensor,
+    propagation: PropagationInputs,
+    rescale_tokens: Tensor,
+    live_tokens: Tensor,
+    config: GoCAConfig,
+) -> tuple[Tensor, Tensor]:
+    """Masks from G (ALGORITHM §2.5–2.7, pseudocode §2.8): rescale + renorm the cond half, propagate both halves
+    with the cond S, pads out, argmax regions and the uncond `<sos>` foreground.
+
+    agg: (2B, T, H, W) from `goca_aggregate`; rescale_tokens / live_tokens: (B, T) bool of the cond prompts.
+    Returns masks (B, T, H, W) and fg (B, 1, H, W). Only channel 0 of the uncond half is propagated (exact: every
+    later step is per channel).
+    """
+    taps = gaussian_taps(config.blur_kernel, config.blur_sigma)
+    g_neg, g_pos = split_cfg(agg)
+    if config.rescale == "sum1":
+        g_pos = rescale_sum_one(g_pos, rescale_tokens, config.eps)
+    pos = renorm_per_token(g_pos, taps, config.eps)
+    t = pos.shape[1]
+    both = torch.cat([pos, g_neg[:, :1]], dim=1)
+    if config.propagation_order:
+        both = propagate_self_attention(
+            both,
+            propagation.queries,
+            propagation.keys,
+            propagation.heads,
+            propagation.scales,
+            config.propagation_order,
+        )
+    both = minmax_per_token(both, config.eps)
+    pos, sos = both[:, :t], both[:, t:]
+    sos = renorm_per_token(sos, taps, config.eps)
+    return goca_region_masks(pos, live_tokens), foreground_from_sos(sos, config.fg_threshold)

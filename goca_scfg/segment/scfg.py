@@ -1,0 +1,97 @@
+"""Official S-CFG segmentation (ALGORITHM §1.3): low-resolution head-mean maps, SSGC refinement, 3×3 smoothing,
+per-token mean normalisation, 77-token argmax regions (cond half) and the `<sos>`-vs-rest foreground (uncond half).
+
+Pure tensor functions; `scfg_segment` wires them over the maps of one UNet call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import SCFGConfig
+from ..ops import resize_bilinear, resize_nearest, scfg_blur_taps, smooth, split_cfg, to_grid
+
+
+def ssgc_refine(attn_self: Tensor, attn_cross: Tensor, variant: str = "official") -> Tensor:
+    """S̃·A with S-CFG's self-attention refinement (ALGORITHM §1.3 steps 1–2, §5.1).
+
+    attn_self: (B, N, N) rows sum to 1; attn_cross: (B, N, T). Returns (B, N, T); rows still sum to 1.
+    "official" is (S + 3·S²)/4 as the released code computes; "paper" is the mean of S, S², S³, S⁴.
+    Deviation: S̃·A is formed as powers of S applied to A (no N×N product), equal up to rounding.
+    """
+    sa = torch.bmm(attn_self, attn_cross)
+    ssa = torch.bmm(attn_self, sa)
+    if variant == "official":
+        return (sa + 3 * ssa) / 4
+    if variant == "paper":
+        s3a = torch.bmm(attn_self, ssa)
+        return (sa + ssa + s3a + torch.bmm(attn_self, s3a)) / 4
+    raise ValueError(f"unknown SSGC variant {variant!r}; expected 'official' or 'paper'")
+
+
+def normalize_by_spatial_mean(maps: Tensor, eps: float) -> Tensor:
+    """A_t / (mean_{h,w} A_t + eps) per channel (ALGORITHM §1.3 steps 5–6). maps: (B, C, h, w)."""
+    return maps / (maps.mean(dim=(-2, -1), keepdim=True) + eps)
+
+
+def foreground_pair(maps: Tensor) -> Tensor:
+    """(f₀, f₁) = (`<sos>` map, sum of all other tokens) (ALGORITHM §1.3 step 6). maps: (B, T, h, w) → (B, 2, h, w)."""
+    return torch.cat([maps[:, :1], maps[:, 1:].sum(dim=1, keepdim=True)], dim=1)
+
+
+def token_region_masks(scores: Tensor) -> Tensor:
+    """M_t(p) = [score_t(p) is the max over all T tokens] (ALGORITHM §1.3 step 9; ties give several ones, §5.4).
+
+    scores: (B, T, h, w) → float {0, 1} masks of the same shape.
+    """
+    return (scores == scores.amax(dim=1, keepdim=True)).float()
+
+
+def foreground_mask(pair: Tensor) -> Tensor:
+    """fg = 1 − [f̄₀ is the max of (f̄₀, f̄₁)] = [f̄₁ > f̄₀] (ALGORITHM §1.3 step 10). pair: (B, 2, h, w) → (B, 1, h, w)."""
+    return (pair[:, 1:2] > pair[:, 0:1]).float()
+
+
+@dataclass(frozen=True)
+class SCFGMapPair:
+    """One transformer block's head-mean maps for the whole CFG batch: self (2B, N, N), cross (2B, N, T), grid."""
+
+    attn_self: Tensor
+    attn_cross: Tensor
+    hw: tuple[int, int]
+
+
+def scfg_segment(
+    maps: list[SCFGMapPair], mask_hw: tuple[int, int], latent_hw: tuple[int, int], config: SCFGConfig
+) -> tuple[Tensor, Tensor]:
+    """Official S-CFG masks from the watched blocks of one UNet call (ALGORITHM §1.3, pseudocode §1.5).
+
+    maps: blocks at the ratios of `config.ratios`, both CFG halves; mask_hw: grid of the first ratio (16×16 at
+    512 px). Returns masks (B, T, H, W) and fg (B, 1, H, W) at latent size (nearest up-sampling, §1.4 step 1).
+    Deviation: batch of any size (the reference too), maps formed in fp32; fp16 in the released code.
+    """
+    if not maps:
+        raise ValueError("S-CFG needs at least one block of maps")
+    taps = scfg_blur_taps()
+    tok_acc = pair_acc = None
+    for m in maps:
+        refined = ssgc_refine(m.attn_self.float(), m.attn_cross.float(), config.ssgc)
+        grid = resize_bilinear(to_grid(refined, m.hw), mask_hw)
+        if config.smooth_maps:
+            grid = smooth(grid, taps)
+        tok = normalize_by_spatial_mean(grid, config.norm_eps)
+        pair = foreground_pair(grid)
+        # Deviation: the released code divides the pair by its mean with no epsilon (§5.5); the floor only
+        # matters for an all-zero map, which softmax probabilities never give.
+        pair = pair / pair.mean(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        tok_acc = tok if tok_acc is None else tok_acc + tok
+        pair_acc = pair if pair_acc is None else pair_acc + pair
+    tok_acc, pair_acc = tok_acc / len(maps), pair_acc / len(maps)
+    _, tok_cond = split_cfg(tok_acc)
+    pair_uncond, _ = split_cfg(pair_acc)
+    masks = resize_nearest(token_region_masks(tok_cond), latent_hw)
+    fg = resize_nearest(foreground_mask(pair_uncond), latent_hw)
+    return masks, fg
