@@ -33,7 +33,9 @@ def test_minmax_ranges_and_constant_maps():
                 assert flat[b, t].min() == 0 and flat[b, t].max() == 1
 
 
-@pytest.mark.parametrize(("n", "latent", "hw"), [(256, (16, 16), (16, 16)), (12, (8, 6), (4, 3)), (2, (16, 8), (2, 1))])
+@pytest.mark.parametrize(
+    ("n", "latent", "hw"), [(256, (16, 16), (16, 16)), (12, (8, 6), (4, 3)), (2, (16, 8), (2, 1))]
+)
 def test_grid_shape(n, latent, hw):
     assert grid_shape(n, latent) == hw
 

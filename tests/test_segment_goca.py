@@ -229,7 +229,9 @@ def test_goca_segment_matches_reference_pipeline():
     for i in range(b):
         rows = [i, b + i]  # uncond, cond of sample i
         one = [
-            CrossLayerInputs(x.probs[rows], x.out_heads[rows], x.w_out, x.hw, x.self_q[rows], x.self_k[rows], 2, x.self_scale)
+            CrossLayerInputs(
+                x.probs[rows], x.out_heads[rows], x.w_out, x.hw, x.self_q[rows], x.self_k[rows], 2, x.self_scale
+            )
             for x in layers
         ]
         sims = []
@@ -247,7 +249,13 @@ def test_goca_segment_matches_reference_pipeline():
         g = g / g.sum(1, keepdim=True)
         gpos = g[1:] / g[1:, caption[i]].sum(0, keepdim=True).sum(1, keepdim=True)
         rpos = minmax_per_token(smooth(gpos, taps), 0)
-        s = sum(attention_probs(q[i : i + 1], k[i : i + 1], 2, 8**-0.5, head_mean=True) for q, k in zip(prop.queries, prop.keys)) / 3
+        s = (
+            sum(
+                attention_probs(q[i : i + 1], k[i : i + 1], 2, 8**-0.5, head_mean=True)
+                for q, k in zip(prop.queries, prop.keys)
+            )
+            / 3
+        )
         prop2 = lambda x: (s @ s @ x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)  # noqa: E731
         rpos = minmax_per_token(prop2(rpos), 0) * live[i].float().view(1, -1, 1, 1)
         rneg = minmax_per_token(smooth(minmax_per_token(prop2(g[:1]), 0), taps), 0)
@@ -262,3 +270,29 @@ def test_fast_mode_switches_are_close_to_exact():
     exact = _masks(GoCAConfig(), seed=2)
     fast = _masks(GoCAConfig.fast(refresh=1, query_stride=2), seed=2)
     assert (exact[0].argmax(1) == fast[0].argmax(1)).float().mean() > 0.5
+
+
+def test_batch_independence_exact():
+    """§6.22: every sample is segmented from its own inputs: batch results equal per-sample runs."""
+    layers, dense, prop, caption, live = _random_inputs(3)
+    caption[1, 6:9] = True  # the two prompts differ in length
+    live = caption.clone()
+    live[:, 0] = True
+    cfg = GoCAConfig()
+    w = goca_layer_weights(layers, dense, (4, 4), cfg)
+    masks, fg = goca_segment(goca_aggregate(layers, w, (8, 8), cfg), prop, caption, live, cfg)
+    for i in range(2):
+        rows = [i, 2 + i]
+        one = [
+            CrossLayerInputs(
+                x.probs[rows], x.out_heads[rows], x.w_out, x.hw, x.self_q[rows], x.self_k[rows], 2, x.self_scale
+            )
+            for x in layers
+        ]
+        p1 = PropagationInputs(
+            [q[i : i + 1] for q in prop.queries], [k[i : i + 1] for k in prop.keys], [2] * 3, prop.scales
+        )
+        w1 = goca_layer_weights(one, dense[rows], (4, 4), cfg)
+        torch.testing.assert_close(w1, w[rows], atol=1e-6, rtol=1e-6)
+        m1, f1 = goca_segment(goca_aggregate(one, w1, (8, 8), cfg), p1, caption[i : i + 1], live[i : i + 1], cfg)
+        assert (m1 == masks[i : i + 1]).float().mean() >= 0.99 and (f1 == fg[i : i + 1]).float().mean() >= 0.99

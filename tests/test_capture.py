@@ -1,0 +1,126 @@
+"""Attention capture: recorded maps equal an explicit softmax, hooks leave the UNet exactly as it was."""
+
+import pytest
+import torch
+
+from goca_scfg.capture import capture_attention, default_dense_block, default_self_blocks, locate_attention_layers
+
+
+@pytest.fixture()
+def unet(tiny_components_factory):
+    return tiny_components_factory()["unet"]
+
+
+def _inputs(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 16, 16, generator=g), torch.tensor(500), torch.randn(batch, 77, 32, generator=g)
+
+
+def _all_requests(unet):
+    return {x.name: {"q", "k", "o"} for x in locate_attention_layers(unet)}
+
+
+def _hook_counts(unet):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
+
+
+def test_layers_located_like_sd15(unet):
+    layers = locate_attention_layers(unet)
+    cross = [x for x in layers if x.kind == "cross"]
+    assert len(layers) == 32 and len(cross) == 16
+    assert [x.factor for x in cross] == [1, 1, 2, 2, 4, 4, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1]  # call order (§0.1)
+    assert cross[6].block.startswith("mid_block")
+    assert default_dense_block(layers) == "up_blocks.2.attentions.1.transformer_blocks.0"
+    assert default_self_blocks(layers) == (
+        "up_blocks.3.attentions.0.transformer_blocks.0",
+        "up_blocks.3.attentions.1.transformer_blocks.0",
+        "down_blocks.0.attentions.1.transformer_blocks.0",
+    )
+
+
+def test_captured_maps_equal_explicit_softmax(unet):
+    """Probabilities from the recorded q/k equal diffusers' explicit `get_attention_scores` on the layer's inputs."""
+    seen = {}
+    modules = dict(unet.named_modules())
+    names = [x.name for x in locate_attention_layers(unet)]
+
+    def pre(name):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen[name] = (hidden, kwargs.get("encoder_hidden_states"))
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(pre(n), with_kwargs=True) for n in names]
+    try:
+        with capture_attention(unet, _all_requests(unet)) as record, torch.no_grad():
+            unet(*_inputs())
+            for name in names:
+                attn = modules[name]
+                hidden, context = seen[name]
+                context = hidden if context is None else context
+                q = attn.head_to_batch_dim(attn.to_q(hidden))
+                k = attn.head_to_batch_dim(attn.to_k(context))
+                ref = attn.get_attention_scores(q, k).view(hidden.shape[0], attn.heads, q.shape[1], k.shape[1])
+                got = record[name].probs()
+                torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+                # §6.11: the recorded per-head outputs pushed through W_o are the out-projection minus its bias
+                o, out = record[name].o, attn.to_out[0]
+                torch.testing.assert_close(o @ record[name].w_out.t(), out(o) - out.bias, atol=1e-5, rtol=1e-5)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_capture_keeps_outputs_and_processors_and_always_unhooks(unet):
+    x = _inputs()
+    with torch.no_grad():
+        before = unet(*x).sample
+        processors = dict(unet.attn_processors)
+        hooks = _hook_counts(unet)
+        with capture_attention(unet, _all_requests(unet)):
+            during = unet(*x).sample
+            assert _hook_counts(unet) > hooks
+        after = unet(*x).sample
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert _hook_counts(unet) == hooks
+    assert all(unet.attn_processors[k] is v for k, v in processors.items())
+
+    with pytest.raises(RuntimeError, match="boom"), capture_attention(unet, _all_requests(unet)):
+        raise RuntimeError("boom")
+    assert _hook_counts(unet) == hooks
+    with capture_attention(unet, {}), pytest.raises(RuntimeError, match="already active"):
+        with capture_attention(unet, {}):
+            pass
+    assert _hook_counts(unet) == hooks
+
+
+def test_capture_rejects_unknown_layers(unet):
+    with pytest.raises(ValueError, match="not an attention module"), capture_attention(unet, {"nope": {"q"}}):
+        pass
+    name = locate_attention_layers(unet)[0].name
+    with pytest.raises(ValueError, match="unknown capture fields"), capture_attention(unet, {name: {"v"}}):
+        pass
+
+
+def test_capture_sees_lora_projections(unet):
+    """LoRA (PEFT-wrapped to_q/to_k) keeps working: the recorded q is the adapted projection."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    name = [x.name for x in locate_attention_layers(unet) if x.kind == "cross"][0]
+    attn = dict(unet.named_modules())[name]
+    seen = {}
+
+    def keep_input(module, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = attn.register_forward_pre_hook(keep_input, with_kwargs=True)
+    try:
+        with capture_attention(unet, {name: {"q"}}) as record, torch.no_grad():
+            unet(*_inputs())
+            adapted = attn.to_q(seen["h"])
+            base = attn.to_q.base_layer(seen["h"])
+            assert torch.equal(record[name].q, adapted) and not torch.allclose(adapted, base)
+    finally:
+        handle.remove()

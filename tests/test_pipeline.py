@@ -1,0 +1,209 @@
+"""StableDiffusionSCFGPipeline end to end on the tiny offline model (no mocks)."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from goca_scfg import GoCAConfig, SCFGConfig, StableDiffusionSCFGPipeline
+from goca_scfg.testing import tiny_pipeline
+
+PROMPTS = ["a red dog on a green sofa", "two cats, sleeping."]
+
+
+def _pipe(components):
+    pipe = StableDiffusionSCFGPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _gens(n, base=0):
+    return [torch.Generator().manual_seed(base + i) for i in range(n)]
+
+
+def _kwargs(**over):
+    kw = dict(num_inference_steps=3, height=128, width=128, output_type="np", guidance_scale=7.5)
+    kw.update(over)
+    return kw
+
+
+def _hook_counts(unet):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "dpm++"])
+def test_off_is_bit_identical_to_diffusers(tiny_components_factory, scheduler):
+    """segmentor=None runs our loop and gives exactly StableDiffusionPipeline's images."""
+    components = tiny_components_factory(scheduler=scheduler)
+    ref = StableDiffusionPipeline(**components)
+    ref.set_progress_bar_config(disable=True)
+    ours = _pipe(components)
+    kw = _kwargs(negative_prompt=["blurry", "ugly, dark"], num_images_per_prompt=2)
+    expected = ref(PROMPTS, generator=_gens(4), **kw).images
+    got = ours(PROMPTS, generator=_gens(4), segmentor=None, **kw).images
+    assert got.shape == (4, 128, 128, 3)
+    assert torch.equal(torch.from_numpy(got), torch.from_numpy(expected))
+
+
+def test_guidance_scale_at_most_one_segments_nothing(tiny_components_factory):
+    """§6.6: w <= 1 ⇒ no capture, no maps, output equals the plain pipeline."""
+    components = tiny_components_factory()
+    ref = StableDiffusionPipeline(**components)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPTS, generator=_gens(2), **_kwargs(guidance_scale=1.0)).images
+    out = _pipe(components)(
+        PROMPTS, generator=_gens(2), segmentor="goca", return_maps=True, **_kwargs(guidance_scale=1.0)
+    )
+    assert torch.equal(torch.from_numpy(out.images), torch.from_numpy(expected))
+    assert out.maps == []
+
+
+@pytest.mark.parametrize("segmentor", ["scfg", "goca"])
+def test_segmentor_changes_image_and_returns_maps(tiny_components_factory, segmentor):
+    pipe = _pipe(tiny_components_factory())
+    plain = pipe(PROMPTS, generator=_gens(2), segmentor=None, **_kwargs(output_type="latent")).images
+    out = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **_kwargs(output_type="latent"))
+    assert (out.images - plain).abs().max() > 1e-3
+    assert len(out.maps) == len(pipe.scheduler.timesteps)
+    m = out.maps[-1]
+    assert m.labels.shape == (2, 16, 16) and m.labels.dtype == torch.long
+    assert m.foreground.shape == (2, 16, 16) and m.foreground.dtype == torch.bool
+    assert m.rate.shape == (2, 16, 16) and m.rate.device.type == "cpu"
+    cap = min(3.0, 15 / 7.5)
+    assert m.rate.min() >= 0.8 - 1e-6 and m.rate.max() <= cap + 1e-6
+    assert len(m.tokens) == 2 and len(m.tokens[0]) == 77 and m.tokens[0][:3] == ["<|startoftext|>", "a</w>", "red</w>"]
+    if segmentor == "goca":  # pads never win: labels name <sos> or a caption token
+        assert m.labels[0].max() <= 7 and m.labels[1].max() <= 5
+
+
+@pytest.mark.parametrize("segmentor", ["scfg", "goca"])
+def test_batch_equals_single_calls(tiny_components_factory, segmentor):
+    """§6.22: B prompts in one call give the images of B separate calls with the same per-image generators.
+
+    The UNet itself differs by ~1e-5 between batch sizes (BLAS blocking). The tiny random model's GoCA maps are
+    nearly flat, so min–max turns that into rare near-tie flips: first-step labels must agree, and images closely.
+    Exact per-sample independence of the GoCA maths is tested on fixed tensors in test_segment_goca.py.
+    """
+    pipe = _pipe(tiny_components_factory())
+    batch = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **_kwargs())
+    atol = 1e-4 if segmentor == "scfg" else 2e-2
+    for i, prompt in enumerate(PROMPTS):
+        single = pipe(prompt, generator=_gens(1, base=i), segmentor=segmentor, return_maps=True, **_kwargs())
+        torch.testing.assert_close(batch.images[i], single.images[0], atol=atol, rtol=0)
+        assert torch.equal(batch.maps[0].labels[i], single.maps[0].labels[0])
+        assert (batch.maps[0].foreground[i] == single.maps[0].foreground[0]).float().mean() >= 0.99
+
+
+def test_num_images_per_prompt_and_negative_prompt(tiny_components_factory):
+    pipe = _pipe(tiny_components_factory())
+    out = pipe(
+        PROMPTS,
+        negative_prompt=["", "blurry"],
+        num_images_per_prompt=2,
+        generator=_gens(4),
+        return_maps=True,
+        **_kwargs(),
+    )
+    assert out.images.shape == (4, 128, 128, 3)
+    tokens = out.maps[0].tokens
+    assert tokens[0] == tokens[1] and tokens[2] == tokens[3] and tokens[0] != tokens[2]
+
+
+def test_non_square_and_configs(tiny_components_factory):
+    pipe = _pipe(tiny_components_factory())
+    for seg, cfg in [("scfg", {"scfg_config": SCFGConfig.paper()}), ("goca", {"goca_config": GoCAConfig.vanilla()})]:
+        out = pipe(PROMPTS[0], generator=_gens(1), segmentor=seg, return_maps=True, **_kwargs(width=192), **cfg)
+        assert out.images.shape == (1, 128, 192, 3)
+        assert out.maps[0].labels.shape == (1, 16, 24)
+
+
+def test_fp16_goca_is_finite():
+    pipe = tiny_pipeline(torch_dtype=torch.float16)
+    out = pipe(PROMPTS[0], generator=_gens(1), segmentor="goca", return_maps=True, **_kwargs(num_inference_steps=2))
+    assert torch.isfinite(torch.from_numpy(out.images)).all()
+    assert all(torch.isfinite(m.rate).all() for m in out.maps)
+
+
+def test_hooks_removed_after_call_and_after_error(tiny_components_factory):
+    pipe = _pipe(tiny_components_factory())
+    hooks = _hook_counts(pipe.unet)
+    processors = dict(pipe.unet.attn_processors)
+    pipe(PROMPTS[0], generator=_gens(1), segmentor="goca", **_kwargs(num_inference_steps=2))
+    assert _hook_counts(pipe.unet) == hooks
+
+    def fail(*_):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        pipe(PROMPTS[0], generator=_gens(1), segmentor="scfg", callback_on_step_end=fail, **_kwargs())
+    assert _hook_counts(pipe.unet) == hooks
+    assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
+
+
+def test_bad_inputs_raise(tiny_components_factory):
+    pipe = _pipe(tiny_components_factory())
+    with pytest.raises(ValueError, match="unknown segmentor 'sfcg'"):
+        pipe(PROMPTS[0], segmentor="sfcg", **_kwargs())
+    with pytest.raises(ValueError, match="multiples of 64 px"):
+        pipe(PROMPTS[0], segmentor="scfg", **_kwargs(height=136))
+    pipe(PROMPTS[0], segmentor=None, **_kwargs(height=136, num_inference_steps=1))  # plain CFG takes any /8 size
+    with pytest.raises(TypeError, match="return_map"):
+        pipe(PROMPTS[0], return_map=True, **_kwargs())
+    embeds = pipe.encode_prompt(PROMPTS[0], "cpu", 1, True)
+    with pytest.raises(ValueError, match="needs the prompt text"):
+        pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], segmentor="goca", **_kwargs())
+    out = pipe(
+        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], segmentor="scfg", return_maps=True, **_kwargs()
+    )
+    assert out.maps[0].tokens is None
+    with pytest.raises(ValueError, match="ratios has 16"):
+        pipe(PROMPTS[0], segmentor="scfg", scfg_config=SCFGConfig(ratios=(4, 16)), **_kwargs())
+    with pytest.raises(ValueError, match="matches no self-attention block"):
+        pipe(PROMPTS[0], segmentor="goca", goca_config=GoCAConfig(self_layers=("up_blocks.9",)), **_kwargs())
+
+
+def test_model_without_cross_attention_raises(tiny_components_factory):
+    from diffusers import UNet2DConditionModel
+
+    components = tiny_components_factory()
+    components["unet"] = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 4,
+        up_block_types=("UpBlock2D",) * 4,
+        mid_block_type=None,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    pipe = _pipe(components)
+    with pytest.raises(ValueError, match="no text cross-attention|has none"):
+        pipe(PROMPTS[0], segmentor="scfg", **_kwargs())
+
+
+def test_long_prompt_is_truncated_with_warning(tiny_components_factory, caplog):
+    from diffusers.utils import logging as dlogging
+
+    pipe = _pipe(tiny_components_factory())
+    dlogging.enable_propagation()
+    try:
+        out = pipe(
+            "dog " * 100, generator=_gens(1), segmentor="goca", return_maps=True, **_kwargs(num_inference_steps=1)
+        )
+    finally:
+        dlogging.disable_propagation()
+    assert "truncated" in caplog.text
+    assert len(out.maps[0].tokens[0]) == 77 and out.maps[0].tokens[0][-1] == "<|endoftext|>"
+
+
+def test_from_pipe_and_save_pretrained_roundtrip(tiny_components_factory, tmp_path):
+    sd = StableDiffusionPipeline(**tiny_components_factory())
+    sd.set_progress_bar_config(disable=True)
+    pipe = StableDiffusionSCFGPipeline.from_pipe(sd)
+    assert isinstance(pipe, StableDiffusionSCFGPipeline) and pipe.unet is sd.unet
+    pipe.set_progress_bar_config(disable=True)
+    a = pipe(PROMPTS[0], generator=_gens(1), segmentor="scfg", **_kwargs()).images
+    pipe.save_pretrained(tmp_path)
+    loaded = StableDiffusionSCFGPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    b = loaded(PROMPTS[0], generator=_gens(1), segmentor="scfg", **_kwargs()).images
+    assert torch.equal(torch.from_numpy(a), torch.from_numpy(b))
