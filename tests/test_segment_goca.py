@@ -256,7 +256,10 @@ def test_goca_segment_matches_reference_pipeline():
             )
             / 3
         )
-        prop2 = lambda x: (s @ s @ x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)  # noqa: E731
+
+        def prop2(x, s=s):
+            return (s @ s @ x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+
         rpos = minmax_per_token(prop2(rpos), 0) * live[i].float().view(1, -1, 1, 1)
         rneg = minmax_per_token(smooth(minmax_per_token(prop2(g[:1]), 0), taps), 0)
         ref_m = (rpos == rpos.amax(1, keepdim=True)).float()
