@@ -1,0 +1,109 @@
+"""Files that survive interruption: atomic writes, leftovers of killed writers, JSON manifests, package versions.
+
+A file is written under a hidden temporary name in its final folder and renamed into place, so a reader (or a resumed
+sweep) sees either nothing or the complete file, never a half-written one. Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+_TMP_SUFFIX = ".tmp"
+
+
+def _temporary_name(path: Path) -> Path:
+    """Hidden sibling `.{name}.{host}-{pid}-{random}.tmp`; `partial_files` maps it back to `name`."""
+    token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}".replace(".", "_")
+    return path.with_name(f".{path.name}.{token}{_TMP_SUFFIX}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either absent/old or complete (temp file, fsync, `os.replace`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write `obj` as indented, key-sorted JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, naming the file in the error when it is not valid JSON."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def partial_files(folder: str | Path, targets: Iterable[str] | None = None) -> list[Path]:
+    """Temporary files left in `folder` by killed writers, optionally only those whose final name is in `targets`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = None if targets is None else set(targets)
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
+            continue
+        target = name[1:].rsplit(".", 2)[0]
+        if wanted is None or target in wanted:
+            found.append(entry)
+    return sorted(found)
+
+
+def remove_partial_files(folder: str | Path, targets: Iterable[str] | None = None) -> int:
+    """Delete `partial_files(folder, targets)`; returns how many were removed.
+
+    Pass the names this process owns as `targets` when other processes may be writing into the same folder.
+    """
+    removed = 0
+    for path in partial_files(folder, targets):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def file_md5(path: str | Path) -> str:
+    """Hex md5 of a file's bytes (manifests record the caption file they used)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Installed distribution versions (None when absent), for manifests."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
