@@ -1,0 +1,116 @@
+"""CLIP score as features → per-pair cosine → ×100 (ALGORITHM §3.4), with a thin open_clip wrapper for the features.
+
+The paper's numbers (≈ 30–31.6) are 100 × the mean cosine similarity of ViT-B/32 image and caption embeddings, with
+no clipping at 0 and no 2.5 factor (unlike Hessel et al.'s CLIPScore). torchmetrics' `CLIPScore` is not used: it is
+broken with transformers 5 (ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .images import read_rgb
+
+logger = logging.getLogger(__name__)
+
+CLIP_SCALE = 100.0  # the paper's scale (ALGORITHM §3.4)
+
+
+@dataclass(frozen=True)
+class CLIPSpec:
+    """Which CLIP: an open_clip architecture and a pretrained tag, optionally loaded from a local weights file.
+
+    `pretrained=None` builds random weights, seeded with 0 (tests and smoke runs; the scores mean nothing). `weights` is a local file with the tag's weights (offline use);
+    the tag still decides QuickGELU (OpenAI weights need it).
+    """
+
+    model: str = "ViT-B-32"
+    pretrained: str | None = "openai"
+    weights: str | None = None
+
+    @property
+    def name(self) -> str:
+        """`model/pretrained`, recorded next to every score."""
+        return f"{self.model}/{self.pretrained or 'random'}"
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedCLIP:
+    """An open_clip model in eval mode with its validation transform and tokenizer."""
+
+    spec: CLIPSpec
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+
+
+def _quick_gelu(spec: CLIPSpec) -> bool:
+    """Whether the pretrained tag was trained with QuickGELU (open_clip does not force it for a tag or a file)."""
+    import open_clip
+
+    if spec.pretrained is None:
+        return False
+    return bool(open_clip.get_pretrained_cfg(spec.model, spec.pretrained).get("quick_gelu", False))
+
+
+def load_clip(spec: CLIPSpec = CLIPSpec(), device: str | torch.device = "cpu") -> LoadedCLIP:
+    """Build the open_clip model for `spec` (from `spec.weights` when given, else open_clip's cache or download).
+
+    open_clip caches tagged weights in the Hugging Face cache (`$HF_HOME/hub`, repo
+    `timm/vit_base_patch32_clip_224.openai` for ViT-B-32/openai); with `HF_HUB_OFFLINE=1` a pre-filled cache works.
+    """
+    import open_clip
+
+    if spec.weights is not None and not os.path.isfile(spec.weights):
+        raise FileNotFoundError(f"CLIP weights not found: {spec.weights}")
+    source = spec.weights if spec.weights is not None else spec.pretrained
+    with torch.random.fork_rng(devices=[]):  # random weights (pretrained=None) are seeded, the global RNG untouched
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=source, force_quick_gelu=_quick_gelu(spec), device=device
+        )
+    model.eval()
+    return LoadedCLIP(spec, model, preprocess, open_clip.get_tokenizer(spec.model))
+
+
+def clip_scores_from_features(image_features: Tensor, text_features: Tensor) -> Tensor:
+    """100 · cos(image_i, text_i) for each row pair (ALGORITHM §3.4). (N, D), (N, D) → (N,), computed in fp32."""
+    if image_features.shape != text_features.shape or image_features.ndim != 2:
+        raise ValueError(f"need matching (N, D) features, got {image_features.shape} and {text_features.shape}")
+    image = torch.nn.functional.normalize(image_features.float(), dim=-1)
+    text = torch.nn.functional.normalize(text_features.float(), dim=-1)
+    return CLIP_SCALE * (image * text).sum(dim=-1)
+
+
+@torch.no_grad()
+def clip_scores(
+    clip: LoadedCLIP,
+    images: Sequence[str | Path],
+    captions: Sequence[str],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """Per-image CLIP scores (100 · cosine) of image files against their captions, in batches. Returns (N,)."""
+    from tqdm.auto import tqdm
+
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if not images:
+        raise ValueError("no images to score")
+    scores = []
+    for start in tqdm(range(0, len(images), batch_size), desc="CLIP", disable=not progress, leave=False):
+        stop = start + batch_size
+        pixels = torch.stack([clip.preprocess(read_rgb(p)) for p in images[start:stop]]).to(device)
+        tokens = clip.tokenizer(list(captions[start:stop])).to(device)
+        scores.append(clip_scores_from_features(clip.model.encode_image(pixels), clip.model.encode_text(tokens)))
+    return torch.cat(scores).cpu().double().numpy()

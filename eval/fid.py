@@ -1,0 +1,323 @@
+"""FID as features → statistics → value (ALGORITHM §3.3), with thin wrappers over clean-fid for resizing and networks.
+
+Two named preprocessing protocols: `clean` (clean-fid's default: PIL bicubic on float channels, torchscript
+Inception) and `t2ib` (T2IBenchmark, as the paper: centre crop, PIL bicubic on uint8, pytorch-fid Inception).
+Reference statistics are saved with their protocol and extractor and refuse to be compared across protocols.
+Inception weights never download silently when offline: see `load_inception`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy import linalg
+from torch import Tensor
+
+from .images import read_rgb_array
+
+logger = logging.getLogger(__name__)
+
+FIDMode = Literal["clean", "t2ib"]
+FeatureExtractor = Callable[[Tensor], Tensor]
+"""Maps a (B, 3, S, S) float batch with values in [0, 255] to (B, D) features."""
+
+CLEAN_INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid / StyleGAN2-ADA torchscript port
+CLEAN_INCEPTION_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + CLEAN_INCEPTION_FILE
+)
+CLEAN_INCEPTION_DEFAULT_DIR = "/tmp"  # hard-coded by clean-fid (`cleanfid.features.feature_extractor`)
+PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid port, used by T2IBenchmark
+PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + PYTORCH_FID_FILE
+
+
+@dataclass(frozen=True)
+class FIDProtocol:
+    """Image → network-input preprocessing (ALGORITHM §3.3) and the Inception port that goes with it.
+
+    `clean`: RGB → optional centre crop → per-channel float PIL bicubic to 299 (no quantisation) → values in [0, 255].
+    `t2ib`: RGB → centre crop → PIL bicubic to 299 on uint8 (quantised) → values in [0, 255].
+    Deviation: clean-fid itself never crops; `center_crop=True` (default) keeps non-square references (COCO photos)
+    comparable with square generations. The choice is part of `tag`, hence of every cached statistics file name.
+    """
+
+    mode: FIDMode = "clean"
+    center_crop: bool = True
+    size: int = 299
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("clean", "t2ib"):
+            raise ValueError(f"FID mode {self.mode!r} is not one of ('clean', 't2ib')")
+        if self.mode == "t2ib" and not self.center_crop:
+            raise ValueError("the t2ib protocol always centre-crops (T2IBenchmark utils/resizers.py)")
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+
+    @property
+    def quantize(self) -> bool:
+        """Whether the resized image is rounded to uint8 before the network (T2IBenchmark: yes; clean-fid: no)."""
+        return self.mode == "t2ib"
+
+    @property
+    def network(self) -> str:
+        """Name of the Inception port this protocol uses."""
+        return "inception-torchscript" if self.mode == "clean" else "inception-pytorch-fid"
+
+    @property
+    def tag(self) -> str:
+        """Short protocol name for file names, e.g. `clean-ccrop-299`."""
+        return f"{self.mode}-{'ccrop' if self.center_crop else 'nocrop'}-{self.size}"
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureStats:
+    """Mean (D,) and covariance (D, D) of `count` feature vectors, with the protocol and extractor that made them."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int
+    protocol: str
+    extractor: str
+
+    def __post_init__(self) -> None:
+        if self.mu.ndim != 1 or self.sigma.shape != (self.mu.size, self.mu.size):
+            raise ValueError(f"need mu (D,) and sigma (D, D), got {self.mu.shape} and {self.sigma.shape}")
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def center_crop(image: np.ndarray) -> np.ndarray:
+    """Largest centred square of an (H, W, C) image; offsets rounded down (T2IBenchmark `crop_center`)."""
+    height, width = image.shape[:2]
+    size = min(height, width)
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def preprocess(image: np.ndarray, protocol: FIDProtocol) -> np.ndarray:
+    """(H, W, 3) uint8 RGB → (S, S, 3) float32 in [0, 255], per `protocol` (ALGORITHM §3.3)."""
+    from cleanfid.resize import make_resizer
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+    if protocol.center_crop:
+        image = center_crop(image)
+    resize = make_resizer("PIL", protocol.quantize, "bicubic", (protocol.size, protocol.size))
+    return np.asarray(resize(np.ascontiguousarray(image)), dtype=np.float32)
+
+
+class _PreprocessedImages(torch.utils.data.Dataset):
+    """Image files → (3, S, S) float tensors in [0, 255]; read errors name the file."""
+
+    def __init__(self, files: Sequence[str | Path], protocol: FIDProtocol) -> None:
+        self.files = [str(f) for f in files]
+        self.protocol = protocol
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        array = preprocess(read_rgb_array(self.files[index]), self.protocol)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+# ---------------------------------------------------------------- features → statistics → value
+
+
+@torch.no_grad()
+def image_features(
+    files: Sequence[str | Path],
+    extractor: FeatureExtractor,
+    protocol: FIDProtocol,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """(N, D) float64 features of image files: read → `preprocess` → `extractor`, in batches."""
+    from tqdm.auto import tqdm
+
+    if not files:
+        raise ValueError("no images to compute features for")
+    loader = torch.utils.data.DataLoader(
+        _PreprocessedImages(files, protocol), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    chunks = [
+        extractor(batch.to(device)).detach().to("cpu", torch.float64).numpy()
+        for batch in tqdm(loader, desc="FID features", disable=not progress, leave=False)
+    ]
+    features = np.concatenate(chunks)
+    if features.ndim != 2 or features.shape[0] != len(files):
+        raise ValueError(f"the extractor returned {features.shape} for {len(files)} images; expected (N, D)")
+    return features
+
+
+def feature_statistics(features: np.ndarray, protocol: str, extractor: str) -> FeatureStats:
+    """Mean and `np.cov(rowvar=False)` of (N, D) features in float64 (as clean-fid and T2IBenchmark)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, D) features for a covariance, got {features.shape}")
+    return FeatureStats(
+        features.mean(axis=0), np.cov(features, rowvar=False), int(features.shape[0]), protocol, extractor
+    )
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
+    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½), with scipy `sqrtm` (ALGORITHM §3.3).
+
+    As clean-fid and T2IBenchmark: a singular product gets `eps` on both diagonals (logged), and an imaginary part
+    above 1e-3 on the diagonal raises. Statistics from different protocols or extractors are refused.
+    Deviation: written here rather than calling `cleanfid.fid.frechet_distance`, which passes `sqrtm(disp=False)`,
+    an argument SciPy 1.18 removes.
+    """
+    if (a.protocol, a.extractor) != (b.protocol, b.extractor):
+        raise ValueError(
+            f"statistics were made differently: {a.protocol}/{a.extractor} vs {b.protocol}/{b.extractor}; "
+            "recompute the reference statistics with the same protocol and network"
+        )
+    if a.mu.shape != b.mu.shape:
+        raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
+    covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    if not np.isfinite(covmean).all():
+        logger.warning("Fréchet distance: singular covariance product; adding %g to the diagonals", eps)
+        offset = np.eye(a.mu.size) * eps
+        covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Fréchet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm")
+        covmean = covmean.real
+    diff = a.mu - b.mu
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+
+def fid_from_features(features: np.ndarray, reference: FeatureStats) -> float:
+    """FID of (N, D) features against reference statistics of the same protocol and extractor."""
+    return frechet_distance(feature_statistics(features, reference.protocol, reference.extractor), reference)
+
+
+# ---------------------------------------------------------------- cached reference statistics
+
+
+def stats_file_name(name: str, protocol: FIDProtocol, extractor: str, count: int) -> str:
+    """`{name}_{protocol tag}_{extractor}_n{count}.npz`: statistics named by how they were made."""
+    if not name or any(c in name for c in "/\\_ "):
+        raise ValueError(f"statistics name {name!r} must be non-empty without '/', '\\', '_' or spaces")
+    return f"{name}_{protocol.tag}_{extractor}_n{count}.npz"
+
+
+def save_stats(stats: FeatureStats, path: str | Path) -> None:
+    """Write statistics with their provenance to an `.npz` (atomic: temp file then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"count": stats.count, "protocol": stats.protocol, "extractor": stats.extractor}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=stats.mu, sigma=stats.sigma, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_stats(path: str | Path, assume: tuple[str, str] | None = None) -> FeatureStats:
+    """Read statistics written by `save_stats`.
+
+    A foreign `.npz` with only `mu` and `sigma` (e.g. T2IBenchmark's `MS-COCO_val2014_fid_stats.npz`) loads only when
+    `assume=(protocol tag, extractor)` states how it was made.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"reference statistics not found: {path}. Compute them once with "
+            "`python -m eval.metrics ref-stats --images <COCO val2014 folder> ...`"
+        )
+    with np.load(path, allow_pickle=False) as data:
+        if "mu" not in data or "sigma" not in data:
+            raise ValueError(f"{path} has no 'mu'/'sigma' arrays; not FID statistics")
+        mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+        meta = json.loads(str(data["meta"])) if "meta" in data else None
+    if meta is None:
+        if assume is None:
+            raise ValueError(
+                f"{path} does not record its protocol; pass assume=(protocol, extractor), e.g. "
+                "('t2ib-ccrop-299', 'inception-pytorch-fid') for T2IBenchmark's COCO statistics"
+            )
+        meta = {"count": -1, "protocol": assume[0], "extractor": assume[1]}
+    return FeatureStats(mu, sigma, int(meta["count"]), meta["protocol"], meta["extractor"])
+
+
+# ---------------------------------------------------------------- Inception weights (thin clean-fid wrappers)
+
+
+@contextmanager
+def _torch_hub_checkpoint(weights: Path, file_name: str):
+    """Expose a local weights file as `torch.hub`'s cached `file_name` for the duration (hub dir restored after)."""
+    previous = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as hub:
+        os.makedirs(os.path.join(hub, "checkpoints"))
+        os.symlink(weights.resolve(), os.path.join(hub, "checkpoints", file_name))
+        torch.hub.set_dir(hub)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(previous)
+
+
+def _check_weights(path: Path, url: str, allow_download: bool) -> bool:
+    """True when `path` exists; otherwise raise (offline) or allow the library to download `url`."""
+    if path.is_file():
+        return True
+    if not allow_download:
+        raise FileNotFoundError(
+            f"Inception weights not found at {path}. Download {url} on a machine with internet access and place it "
+            "there (or pass its path), or allow downloading."
+        )
+    return False
+
+
+def load_inception(
+    protocol: FIDProtocol,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    allow_download: bool = False,
+) -> FeatureExtractor:
+    """The protocol's 2048-d Inception feature extractor, from local weights when given or cached.
+
+    `clean`: clean-fid's torchscript model, file `inception-2015-12-05.pt`, looked up in clean-fid's cache `/tmp`
+    unless `weights` names the file. `t2ib`: pytorch-fid's port (`cleanfid.inception_pytorch.InceptionV3`), file
+    `pt_inception-2015-12-05-6726825d.pth`, from `weights` or torch.hub's cache (`$TORCH_HOME/hub/checkpoints`).
+    """
+    if protocol.mode == "clean":
+        from cleanfid.inception_torchscript import InceptionV3W
+
+        path = Path(weights) if weights is not None else Path(CLEAN_INCEPTION_DEFAULT_DIR) / CLEAN_INCEPTION_FILE
+        if path.name != CLEAN_INCEPTION_FILE:
+            raise ValueError(f"clean-fid loads its Inception from a file named {CLEAN_INCEPTION_FILE}, got {path}")
+        present = _check_weights(path, CLEAN_INCEPTION_URL, allow_download)
+        model = InceptionV3W(str(path.parent), download=not present, resize_inside=False).to(device).eval()
+        return lambda x: model(x)
+
+    from cleanfid.inception_pytorch import InceptionV3
+
+    hub_path = Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_FILE
+    path = Path(weights) if weights is not None else hub_path
+    present = _check_weights(path, PYTORCH_FID_URL, allow_download)
+    if weights is not None and present:
+        with _torch_hub_checkpoint(path, PYTORCH_FID_FILE):
+            model = InceptionV3(output_blocks=[3], resize_input=False, normalize_input=True)
+    else:
+        model = InceptionV3(output_blocks=[3], resize_input=False, normalize_input=True)
+    model = model.to(device).eval()
+    # T2IBenchmark feeds ToTensor(uint8) = x / 255 and maps it to 2x − 1; normalize_input=True does the 2x − 1.
+    return lambda x: model(x / 255.0)[0].flatten(1)
