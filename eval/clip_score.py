@@ -29,8 +29,9 @@ CLIP_SCALE = 100.0  # the paper's scale (ALGORITHM §3.4)
 class CLIPSpec:
     """Which CLIP: an open_clip architecture and a pretrained tag, optionally loaded from a local weights file.
 
-    `pretrained=None` builds random weights, seeded with 0 (tests and smoke runs; the scores mean nothing). `weights` is a local file with the tag's weights (offline use);
-    the tag still decides QuickGELU (OpenAI weights need it).
+    `pretrained=None` builds random weights, seeded with 0 (tests and smoke runs; the scores mean nothing).
+    `weights` is a local file with the tag's weights (offline use); the tag still decides QuickGELU (OpenAI weights
+    need it).
     """
 
     model: str = "ViT-B-32"

@@ -1,0 +1,190 @@
+"""Metrics over a sweep folder (eval/metrics.py): FID and CLIP per cell against direct computations, caching, and
+refusal of partial or corrupt folders. The folder is a real manifest (eval.sweep.prepare_output) with random PNGs,
+so these tests need no pipeline."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import linalg
+
+from eval import metrics, sweep
+from eval.captions import Caption
+from eval.clip_score import CLIPSpec, LoadedCLIP
+from eval.fid import FIDProtocol, load_stats, preprocess
+
+PROTOCOL = FIDProtocol("clean")
+CAPTIONS = (Caption(11, "a red car"), Caption(22, "a dog"), Caption(33, "two birds\non a wire"), Caption(44, "a cake"))
+
+
+def _stand_in(x: torch.Tensor) -> torch.Tensor:
+    """3-d stand-in features: the mean colour (no Inception weights offline)."""
+    return x.mean(dim=(2, 3)) / 255.0
+
+
+def _reference_fid(x: np.ndarray, y: np.ndarray) -> float:
+    mx, my, sx, sy = x.mean(0), y.mean(0), np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    return float(((mx - my) ** 2).sum() + np.trace(sx + sy - 2 * linalg.sqrtm(sx @ sy).real))
+
+
+def _features(paths) -> np.ndarray:
+    arrays = [preprocess(np.asarray(Image.open(p).convert("RGB")), PROTOCOL) for p in paths]
+    return _stand_in(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)).double().numpy()
+
+
+def _random_png(path: Path, rng: np.random.Generator) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = rng.integers(0, 256, 3)
+    noise = rng.integers(-40, 40, (24, 24, 3))
+    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(path)
+
+
+def _make_run(out: Path, methods=("cfg", "goca"), seeds=(0, 1), captions=CAPTIONS) -> Path:
+    plan = sweep.SweepPlan(
+        out=out,
+        methods=tuple(sweep.get_method(m) for m in methods),
+        scales=(3.0,),
+        seeds=seeds,
+        captions=captions,
+        source=sweep.CaptionSource("inline", "-", None, None),
+        settings=sweep.GenerationSettings(model="tiny-random", dtype="fp32", steps=2, height=64, width=64),
+    )
+    sweep.prepare_output(plan, torch.device("cpu"), write=True)
+    rng = np.random.default_rng(0)
+    for cell in sweep.io.read_json(plan.out / "manifest.json")["cells"]:
+        for c in captions:
+            _random_png(plan.out / cell["path"] / f"{c.image_id}.png", rng)
+    return plan.out
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    return _make_run(tmp_path / "run")
+
+
+@pytest.fixture
+def fid_setup(tmp_path) -> metrics.FIDSetup:
+    rng = np.random.default_rng(1)
+    real = []
+    for i in range(12):
+        real.append(tmp_path / "real" / f"COCO_val2014_{i:012d}.jpg")
+        _random_png(real[-1], rng)
+    path = metrics.reference_stats(real, "toy", tmp_path / "stats", PROTOCOL, _stand_in, "standin")
+    assert path.name == "toy_clean-ccrop-299_standin_n12.npz"
+    return metrics.FIDSetup(load_stats(path), "toy", PROTOCOL, _stand_in, "standin")
+
+
+class _StandInCLIPModel:
+    """Fast stand-in for an open_clip model: mean colour for images, a fixed embedding per token id for texts."""
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.mean(dim=(2, 3))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        table = torch.linspace(-1, 1, 3 * 64).reshape(64, 3)
+        return table[tokens % 64].sum(dim=1)
+
+
+@pytest.fixture
+def clip() -> LoadedCLIP:
+    def pixels(image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1) + 0.1
+
+    def tokens(texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[ord(ch) for ch in text[:8].ljust(8)] for text in texts])
+
+    return LoadedCLIP(CLIPSpec("stand-in", None), _StandInCLIPModel(), pixels, tokens)
+
+
+def _reference_clip(clip: LoadedCLIP, path: Path, caption: str) -> float:
+    image = clip.model.encode_image(clip.preprocess(Image.open(path).convert("RGB"))[None])[0]
+    text = clip.model.encode_text(clip.tokenizer([caption]))[0]
+    return 100.0 * float(torch.dot(image, text) / (image.norm() * text.norm()))
+
+
+def test_scores_equal_direct_fid_and_clip(run, fid_setup, clip, tmp_path):
+    out = metrics.score_run(run, fid_setup, clip, batch_size=3)
+    real = sorted((tmp_path / "real").iterdir())
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["scale"], r["seed"]) for r in rows] == [
+        ("cfg", "3", "0"),
+        ("cfg", "3", "1"),
+        ("goca", "3", "0"),
+        ("goca", "3", "1"),
+    ]
+    with open(out.with_name("clip_per_image.csv"), newline="", encoding="utf-8") as f:
+        per_image = list(csv.DictReader(f))
+    assert len(per_image) == 4 * len(CAPTIONS)
+    for row in rows:
+        folder = run / sweep.cell_path(row["method"], float(row["scale"]), int(row["seed"]))
+        files = [folder / f"{c.image_id}.png" for c in CAPTIONS]
+        assert float(row["fid"]) == pytest.approx(_reference_fid(_features(files), _features(real)), rel=1e-6)
+        mine = {
+            int(r["image_id"]): float(r["clip"])
+            for r in per_image
+            if (r["method"], r["seed"]) == (row["method"], row["seed"])
+        }
+        expected = {c.image_id: _reference_clip(clip, folder / f"{c.image_id}.png", c.text) for c in CAPTIONS}
+        assert mine == pytest.approx(expected, abs=1e-4)
+        assert float(row["clip"]) == pytest.approx(np.mean(list(mine.values())), rel=1e-9)
+        assert (row["n_images"], row["fid_protocol"], row["fid_extractor"]) == ("4", "clean-ccrop-299", "standin")
+        assert row["clip_model"] == "stand-in/random"
+
+
+def test_cached_cells_are_not_recomputed(run, fid_setup):
+    first = metrics.score_run(run, fid_setup).read_text(encoding="utf-8")
+
+    def must_not_run(x):
+        raise AssertionError("features recomputed for a cached cell")
+
+    cached = metrics.FIDSetup(fid_setup.reference, "toy", PROTOCOL, must_not_run, "standin")
+    assert metrics.score_run(run, cached).read_text(encoding="utf-8") == first
+    with pytest.raises(AssertionError, match="recomputed"):
+        metrics.score_run(run, cached, None, force=True)
+
+
+def test_a_partial_folder_is_refused_naming_the_missing_file(run, fid_setup):
+    (run / "goca/cfg-3.0/seed-1/33.png").unlink()
+    with pytest.raises(
+        ValueError, match=r"partial run: .*goca/cfg-3.0/seed-1 holds 3 images but the manifest lists 4.*33\.png"
+    ):
+        metrics.score_run(run, fid_setup)
+
+
+def test_an_unexpected_image_is_refused(run, fid_setup):
+    Image.new("RGB", (8, 8)).save(run / "cfg/cfg-3.0/seed-0/99.png")
+    with pytest.raises(ValueError, match=r"not in the manifest: 99\.png"):
+        metrics.score_run(run, fid_setup)
+
+
+def test_a_corrupt_png_is_named(run, fid_setup):
+    (run / "cfg/cfg-3.0/seed-1/22.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ValueError, match=r"cannot read image .*cfg-3.0/seed-1/22\.png"):
+        metrics.score_run(run, fid_setup)
+
+
+def test_missing_manifest_and_reference_stats(tmp_path, run):
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        metrics.read_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"reference statistics not found: .*nope\.npz"):
+        metrics.main(["score", "--run", str(run), "--ref-stats", str(tmp_path / "nope.npz"), "--no-clip"])
+
+
+def test_reference_images_are_selected_by_coco_id(tmp_path):
+    files = [Path(f"COCO_val2014_{i:012d}.jpg") for i in (42, 73, 521669)] + [Path("7.png")]
+    assert metrics.select_reference_images(files, [521669, 7, 42]) == [files[2], files[3], files[0]]
+    with pytest.raises(ValueError, match=r"1 of 2 caption ids have no image, e.g. \[5\]"):
+        metrics.select_reference_images(files, [42, 5])
+
+
+def test_cli_clip_only_with_random_weights(tmp_path, capsys):
+    run = _make_run(tmp_path / "small", methods=("cfg",), seeds=(0,), captions=CAPTIONS[:2])
+    assert metrics.main(["score", "--run", str(run), "--no-fid", "--clip-pretrained", "none", "--workers", "0"]) == 0
+    assert "ViT-B-32/random" in capsys.readouterr().out
+    assert (run / "metrics" / "clip_per_image.csv").is_file()
