@@ -149,7 +149,7 @@ def tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dty
     from .pipeline import StableDiffusionSCFGPipeline
 
     pipe = StableDiffusionSCFGPipeline(**tiny_components(seed, scheduler))
-    if torch_dtype is not None:
+    if torch_dtype is not None and torch_dtype != torch.float32:
         pipe = pipe.to(dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,0 +1,51 @@
+"""The README's commands and Python example run, with the model id swapped for a saved tiny-random model."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+INSTALL = "bash scripts/install.sh && "
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from goca_scfg.testing import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_pipeline().save_pretrained(path)
+    return str(path)
+
+
+def test_first_command_is_what_ci_runs():
+    first, second = _blocks("bash")[0].strip().splitlines()[:2]
+    assert first.startswith(INSTALL) and second.startswith(INSTALL)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/install.sh" in ci
+    assert first[len(INSTALL) :] in ci
+
+
+def test_main_command_runs(tiny_model_dir, tmp_path):
+    second = _blocks("bash")[0].strip().splitlines()[1][len(INSTALL) :]
+    command = second.replace(SD15, tiny_model_dir).replace(".venv/bin/goca-scfg", f"{sys.executable} -m goca_scfg.cli")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, shell=True, check=True, cwd=tmp_path, env=env, timeout=600)
+    for name in ("corgi.png", "corgi_maps.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_python_example_runs(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _blocks("python")[0].replace(SD15, tiny_model_dir)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "corgi.png").exists()
