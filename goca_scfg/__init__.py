@@ -2,13 +2,14 @@
 
 from .capture import AttentionRecord, capture_attention, locate_attention_layers
 from .config import GoCAConfig, SCFGConfig
-from .pipeline import SCFGStepMaps, StableDiffusionSCFGPipeline, StableDiffusionSCFGPipelineOutput
+from .pipeline import SCFGStepMaps, SpatialGuidance, StableDiffusionSCFGPipeline, StableDiffusionSCFGPipelineOutput
 
 __all__ = [
     "AttentionRecord",
     "GoCAConfig",
     "SCFGConfig",
     "SCFGStepMaps",
+    "SpatialGuidance",
     "StableDiffusionSCFGPipeline",
     "StableDiffusionSCFGPipelineOutput",
     "capture_attention",

@@ -22,6 +22,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils import deprecate
 from torch import Tensor
+from torch.profiler import record_function
 
 from .capture import (
     AttentionLayer,
@@ -67,8 +68,14 @@ class StableDiffusionSCFGPipelineOutput(StableDiffusionPipelineOutput):
     maps: list[SCFGStepMaps] | None = None
 
 
-class _SpatialGuidance:
-    """One call's segmentation plan and per-step work: which layers to record, and record → masks → rate → ε̂."""
+class SpatialGuidance:
+    """One call's segmentation plan and per-step work: which layers to record (`requests`, for
+    `capture_attention`), `masks(step, record)` → (masks, fg), and `__call__` → ε̂ = ε_u + w·r⊙Δ.
+
+    Built by `StableDiffusionSCFGPipeline.spatial_guidance`; usable on its own to segment any step of a run
+    (e.g. to compare two configs on the same maps). Stages run under `torch.profiler.record_function` labels
+    `goca_scfg::*`, so a profiler attributes their cost.
+    """
 
     def __init__(
         self,
@@ -155,11 +162,9 @@ class _SpatialGuidance:
     # ------------------------------------------------------------------ per step
     def __call__(self, step: int, timestep: Any, record: AttentionRecord, eps_uncond: Tensor, eps_cond: Tensor):
         """ε̂ for this step from the maps of the UNet call that produced (ε_u, ε_c)."""
-        if self.segmentor == "scfg":
-            masks, fg = self._scfg_masks(record)
-        else:
-            masks, fg = self._goca_masks(step, record)
-        rate = rate_map(eps_cond - eps_uncond, masks, fg, self.guidance_scale, self.scfg_config)
+        masks, fg = self.masks(step, record)
+        with record_function("goca_scfg::rate"):
+            rate = rate_map(eps_cond - eps_uncond, masks, fg, self.guidance_scale, self.scfg_config)
         record.clear()
         if self.return_maps:
             self.maps.append(
@@ -172,7 +177,15 @@ class _SpatialGuidance:
                     tokens=self.tokens,
                 )
             )
-        return combine_guidance(eps_uncond, eps_cond, self.guidance_scale, rate)
+        with record_function("goca_scfg::combine"):
+            return combine_guidance(eps_uncond, eps_cond, self.guidance_scale, rate)
+
+    def masks(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
+        """Region masks (B, T, H, W) and foreground (B, 1, H, W) at latent size from one UNet call's record."""
+        if self.segmentor == "scfg":
+            with record_function("goca_scfg::scfg_segment"):
+                return self._scfg_masks(record)
+        return self._goca_masks(step, record)
 
     def _hw(self, t: Tensor) -> tuple[int, int]:
         return grid_shape(t.shape[1], self.latent_hw)
@@ -207,8 +220,10 @@ class _SpatialGuidance:
         if self._layer_weights is None or step % cfg.layer_refresh == 0:
             dense = record[self.goca_dense.name].q if cfg.layer == "similarity" else None
             dense_hw = self._hw(dense) if dense is not None else (0, 0)
-            self._layer_weights = goca_layer_weights(inputs, dense, dense_hw, cfg)
-        agg = goca_aggregate(inputs, self._layer_weights, self.latent_hw, cfg)
+            with record_function("goca_scfg::goca_layer_weights"):
+                self._layer_weights = goca_layer_weights(inputs, dense, dense_hw, cfg)
+        with record_function("goca_scfg::goca_aggregate"):
+            agg = goca_aggregate(inputs, self._layer_weights, self.latent_hw, cfg)
         prop = [record[x.name] for x in self.goca_prop]
         propagation = PropagationInputs(
             queries=[split_cfg(r.q)[1] for r in prop],
@@ -217,9 +232,10 @@ class _SpatialGuidance:
             scales=[r.scale for r in prop],
         )
         device = agg.device
-        return goca_segment(
-            agg, propagation, self.rescale_tokens.to(device), self.live_tokens.to(device), self.goca_config
-        )
+        with record_function("goca_scfg::goca_segment"):
+            return goca_segment(
+                agg, propagation, self.rescale_tokens.to(device), self.live_tokens.to(device), self.goca_config
+            )
 
 
 class StableDiffusionSCFGPipeline(StableDiffusionPipeline):
@@ -405,8 +421,16 @@ class StableDiffusionSCFGPipeline(StableDiffusionPipeline):
         # [S-CFG] 6.3 Plan the segmentation (only when CFG is on) and record the needed attention layers
         guide = None
         if segmentor is not None and self.do_classifier_free_guidance:
-            guide = self._spatial_guidance(
-                segmentor, scfg_config, goca_config, prompt, num_images_per_prompt, latents, return_maps
+            guide = self.spatial_guidance(
+                segmentor,
+                prompt,
+                height,
+                width,
+                num_images_per_prompt=num_images_per_prompt,
+                guidance_scale=self.guidance_scale,
+                scfg_config=scfg_config,
+                goca_config=goca_config,
+                return_maps=return_maps,
             )
         capture = capture_attention(self.unet, guide.requests) if guide is not None else nullcontext()
 
@@ -484,18 +508,25 @@ class StableDiffusionSCFGPipeline(StableDiffusionPipeline):
 
         return StableDiffusionSCFGPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, maps=maps)
 
-    def _spatial_guidance(
+    def spatial_guidance(
         self,
         segmentor: str,
-        scfg_config: SCFGConfig,
-        goca_config: GoCAConfig,
         prompt: str | list[str] | None,
-        num_images_per_prompt: int,
-        latents: Tensor,
-        return_maps: bool,
-    ) -> _SpatialGuidance:
-        """Validate the call for segmentation and build this call's plan (token classes, layers to record)."""
-        latent_hw = tuple(latents.shape[-2:])
+        height: int,
+        width: int,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 7.5,
+        scfg_config: SCFGConfig | None = None,
+        goca_config: GoCAConfig | None = None,
+        return_maps: bool = False,
+    ) -> SpatialGuidance:
+        """Validate a call for segmentation and build its plan: token classes and the layers to record."""
+        segmentor = check_segmentor(segmentor)
+        if segmentor is None:
+            raise ValueError("spatial_guidance needs segmentor 'scfg' or 'goca'")
+        scfg_config = scfg_config or SCFGConfig()
+        goca_config = goca_config or GoCAConfig()
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         down = 2 ** (len(self.unet.down_blocks) - 1)
         if latent_hw[0] % down or latent_hw[1] % down:
             px = down * self.vae_scale_factor
@@ -522,12 +553,12 @@ class StableDiffusionSCFGPipeline(StableDiffusionPipeline):
         if segmentor == "goca" and goca_config.tokens == "content":
             words = self.tokenizer(list(STOP_WORDS), add_special_tokens=False).input_ids
             stop_ids = torch.tensor(sorted({i for ids in words for i in ids}), dtype=torch.long)
-        return _SpatialGuidance(
+        return SpatialGuidance(
             self.unet,
             segmentor,
             scfg_config,
             goca_config,
-            self.guidance_scale,
+            guidance_scale,
             latent_hw,
             input_ids,
             tokens,

@@ -207,3 +207,47 @@ def test_from_pipe_and_save_pretrained_roundtrip(tiny_components_factory, tmp_pa
     loaded.set_progress_bar_config(disable=True)
     b = loaded(PROMPTS[0], generator=_gens(1), segmentor="scfg", **_kwargs()).images
     assert torch.equal(torch.from_numpy(a), torch.from_numpy(b))
+
+
+def test_same_seed_same_images_and_maps(tiny_components_factory):
+    """§6.7: same seed ⇒ identical images and maps."""
+    pipe = _pipe(tiny_components_factory())
+    a = pipe(PROMPTS, generator=_gens(2), segmentor="goca", return_maps=True, **_kwargs())
+    b = pipe(PROMPTS, generator=_gens(2), segmentor="goca", return_maps=True, **_kwargs())
+    assert torch.equal(torch.from_numpy(a.images), torch.from_numpy(b.images))
+    assert all(torch.equal(x.rate, y.rate) and torch.equal(x.labels, y.labels) for x, y in zip(a.maps, b.maps))
+
+
+def test_table2_switches_change_masks_on_tiny_model(tiny_components_factory):
+    """Each Table-2 switch changes the GoCA maps; `vanilla()` is exactly the three switches off."""
+    pipe = _pipe(tiny_components_factory())
+
+    def maps(cfg):
+        out = pipe(PROMPTS, generator=_gens(2), goca_config=cfg, return_maps=True, **_kwargs(output_type="latent"))
+        return torch.stack([torch.cat([m.labels.float(), m.foreground.float(), m.rate]) for m in out.maps])
+
+    base = maps(GoCAConfig())
+    for change in ({"head": "average"}, {"layer": "average"}, {"rescale": "none"}):
+        assert not torch.equal(maps(GoCAConfig(**change)), base), change
+    assert torch.equal(maps(GoCAConfig.vanilla()), maps(GoCAConfig(head="average", layer="average", rescale="none")))
+
+
+@pytest.mark.parametrize("segmentor", ["scfg", "goca"])
+def test_spatial_guidance_segments_any_recorded_step(tiny_components_factory, segmentor):
+    """A plan from `spatial_guidance` applied to a plain-CFG run's first step gives the pipeline's first-step masks."""
+    from goca_scfg import capture_attention
+
+    pipe = _pipe(tiny_components_factory())
+    guided = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **_kwargs())
+    plan = pipe.spatial_guidance(segmentor, PROMPTS, 128, 128)
+    seen = {}
+
+    def on_step(p, i, t, kwargs):
+        if i == 0:
+            seen["masks"], seen["fg"] = plan.masks(i, record)
+        return {}
+
+    with capture_attention(pipe.unet, plan.requests) as record:
+        pipe(PROMPTS, generator=_gens(2), segmentor=None, callback_on_step_end=on_step, **_kwargs())
+    assert torch.equal(seen["masks"].argmax(1), guided.maps[0].labels)
+    assert torch.equal(seen["fg"][:, 0].bool(), guided.maps[0].foreground)
