@@ -505,7 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan = plan_from_args(args)
-    state = PartialState()
+    # Without an accelerator, accelerate only recognises several launched processes when asked for the CPU.
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    state = PartialState(cpu=use_cpu)
     if args.device is not None and state.num_processes > 1:
         raise ValueError("--device cannot be combined with several accelerate processes")
     device = torch.device(args.device) if args.device is not None else state.device

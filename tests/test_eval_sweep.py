@@ -140,6 +140,42 @@ def test_two_shards_make_exactly_the_unsharded_set(tmp_path, pipe):
     assert _run(sharded, pipe, sweep.Shard(1, 2)) == sweep.SweepResult(generated=0, skipped=6)
 
 
+def test_distributed_launch_splits_the_work_between_processes(tmp_path, pipe):
+    """`torchrun` sets the environment that `accelerate launch --multi_gpu` sets; two CPU processes share one run."""
+    args = [
+        "--model",
+        "tiny-random",
+        "--methods",
+        "cfg",
+        "--scales",
+        "3",
+        "--seeds",
+        "0",
+        "--limit",
+        "3",
+        "--steps",
+        "2",
+    ]
+    args += ["--height", "64", "--width", "64", "--dtype", "fp32", "--batch-size", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launcher, "-m", "eval.sweep", *args, "--out", str(tmp_path / "dist")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "shard 0/2: generated 2" in done.stdout and "shard 1/2: generated 1" in done.stdout
+    _run(_plan(tmp_path / "single", captions=CAPTIONS[:3]), pipe)
+    a, b = _pngs(tmp_path / "single"), _pngs(tmp_path / "dist")
+    assert set(a) == set(b) and len(a) == 3
+    for name in a:
+        np.testing.assert_array_equal(_pixels(a[name]), _pixels(b[name]))
+
+
 def test_shards_partition_the_captions_also_within_accelerate_processes():
     captions = tuple(range(23))
     for count in (1, 2, 3):
