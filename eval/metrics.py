@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,7 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m eval.metrics` / `goca-scfg-metrics`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return _cmd_ref_stats(args) if args.command == "ref-stats" else _cmd_score(args)
+    try:
+        return _cmd_ref_stats(args) if args.command == "ref-stats" else _cmd_score(args)
+    except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
+        logger.debug("error details", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

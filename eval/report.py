@@ -11,6 +11,7 @@ import argparse
 import csv
 import logging
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -292,11 +293,12 @@ def plot_tradeoff(summaries: Sequence[Summary], path: str | Path) -> None:
     fig = Figure(figsize=(6, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    methods = sorted({s.method for s in summaries}, key=_method_sort_key)
-    for method in methods:
+    plotted = 0
+    for method in sorted({s.method for s in summaries}, key=_method_sort_key):
         points = sorted((s for s in summaries if s.method == method and s.fid and s.clip), key=lambda s: s.scale)
         if not points:
             continue
+        plotted += 1
         x = [p.clip.mean for p in points]
         y = [p.fid.mean for p in points]
         xerr = [p.clip.std if math.isfinite(p.clip.std) else 0.0 for p in points]
@@ -308,8 +310,10 @@ def plot_tradeoff(summaries: Sequence[Summary], path: str | Path) -> None:
     ax.set_ylabel("FID ↓")
     ax.set_title("FID vs CLIP across guidance scales")
     ax.grid(alpha=0.3)
-    if methods:
+    if plotted:
         ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no (method, scale) has both FID and CLIP", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, format="png")
 
@@ -356,7 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if per_image is None and (scores.parent / "clip_per_image.csv").is_file():
         per_image = scores.parent / "clip_per_image.csv"
     out = args.out or (args.run / "report" if args.run else scores.parent / "report")
-    paths = build_report(scores, out, per_image, n_resamples=args.bootstrap, seed=args.seed)
+    try:
+        paths = build_report(scores, out, per_image, n_resamples=args.bootstrap, seed=args.seed)
+    except (OSError, ValueError) as err:
+        logger.debug("error details", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(paths["table3"].read_text(encoding="utf-8"))
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -500,10 +500,20 @@ def plan_from_args(args: argparse.Namespace) -> SweepPlan:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m eval.sweep`, `goca-scfg-sweep` and `accelerate launch -m eval.sweep`."""
-    from accelerate import PartialState
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _sweep(args)
+    except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
+        logger.debug("error details", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """Run the sweep described by parsed arguments in this process (one of possibly several)."""
+    from accelerate import PartialState
+
     plan = plan_from_args(args)
     # Without an accelerator, accelerate only recognises several launched processes when asked for the CPU.
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")

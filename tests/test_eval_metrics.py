@@ -5,6 +5,7 @@ so these tests need no pipeline."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -169,11 +170,11 @@ def test_a_corrupt_png_is_named(run, fid_setup):
         metrics.score_run(run, fid_setup)
 
 
-def test_missing_manifest_and_reference_stats(tmp_path, run):
+def test_missing_manifest_and_reference_stats(tmp_path, run, capsys):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         metrics.read_run(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"reference statistics not found: .*nope\.npz"):
-        metrics.main(["score", "--run", str(run), "--ref-stats", str(tmp_path / "nope.npz"), "--no-clip"])
+    assert metrics.main(["score", "--run", str(run), "--ref-stats", str(tmp_path / "nope.npz"), "--no-clip"]) == 2
+    assert re.search(r"error: reference statistics not found: .*nope\.npz", capsys.readouterr().err)
 
 
 def test_reference_images_are_selected_by_coco_id(tmp_path):

@@ -263,3 +263,10 @@ def test_generated_images_are_pngs_of_the_requested_size(tmp_path, pipe):
     (path,) = _pngs(tmp_path / "s").values()
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert sweep.main(["--out", str(tmp_path), "--model", "tiny-random", "--methods", "cfg,pag"]) == 2
+    assert "error: unknown method 'pag'" in capsys.readouterr().err
+    assert sweep.main(["--out", str(tmp_path), "--limit", "3", "--subset-seed", "1", "--captions", "none.csv"]) == 2
+    assert "caption file not found: none.csv" in capsys.readouterr().err
