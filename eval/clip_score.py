@@ -92,6 +92,19 @@ def clip_scores_from_features(image_features: Tensor, text_features: Tensor) -> 
     return CLIP_SCALE * (image * text).sum(dim=-1)
 
 
+class _CLIPImages(torch.utils.data.Dataset):
+    """Image files → CLIP input tensors; read errors name the file."""
+
+    def __init__(self, files: Sequence[str | Path], preprocess: Any) -> None:
+        self.files, self.preprocess = list(files), preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.preprocess(read_rgb(self.files[index]))
+
+
 @torch.no_grad()
 def clip_scores(
     clip: LoadedCLIP,
@@ -99,6 +112,7 @@ def clip_scores(
     captions: Sequence[str],
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    num_workers: int = 0,
     progress: bool = False,
 ) -> np.ndarray:
     """Per-image CLIP scores (100 · cosine) of image files against their captions, in batches. Returns (N,)."""
@@ -108,10 +122,12 @@ def clip_scores(
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     if not images:
         raise ValueError("no images to score")
+    loader = torch.utils.data.DataLoader(
+        _CLIPImages(images, clip.preprocess), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
     scores = []
-    for start in tqdm(range(0, len(images), batch_size), desc="CLIP", disable=not progress, leave=False):
-        stop = start + batch_size
-        pixels = torch.stack([clip.preprocess(read_rgb(p)) for p in images[start:stop]]).to(device)
-        tokens = clip.tokenizer(list(captions[start:stop])).to(device)
-        scores.append(clip_scores_from_features(clip.model.encode_image(pixels), clip.model.encode_text(tokens)))
+    for start, pixels in zip(range(0, len(images), batch_size), tqdm(loader, desc="CLIP", disable=not progress)):
+        tokens = clip.tokenizer(list(captions[start : start + batch_size])).to(device)
+        image_features = clip.model.encode_image(pixels.to(device))
+        scores.append(clip_scores_from_features(image_features, clip.model.encode_text(tokens)))
     return torch.cat(scores).cpu().double().numpy()

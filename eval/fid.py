@@ -8,6 +8,7 @@ Inception weights never download silently when offline: see `load_inception`.
 
 from __future__ import annotations
 
+import io as _stdio
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from scipy import linalg
 from torch import Tensor
 
 from .images import read_rgb_array
+from .io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -216,18 +218,11 @@ def stats_file_name(name: str, protocol: FIDProtocol, extractor: str, count: int
 
 
 def save_stats(stats: FeatureStats, path: str | Path) -> None:
-    """Write statistics with their provenance to an `.npz` (atomic: temp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write statistics with their provenance to an `.npz`, atomically."""
     meta = {"count": stats.count, "protocol": stats.protocol, "extractor": stats.extractor}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=stats.mu, sigma=stats.sigma, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = _stdio.BytesIO()
+    np.savez(buffer, mu=stats.mu, sigma=stats.sigma, meta=np.array(json.dumps(meta)))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_stats(path: str | Path, assume: tuple[str, str] | None = None) -> FeatureStats:

@@ -141,7 +141,8 @@ def _score_cell(
     if clip is not None:
         key = {"model": clip.spec.name, "weights": clip.spec.weights}
         if result.get("clip_key") != key:
-            scores = clip_scores(clip, cell_files, [c.text for c in captions], batch_size, device, progress=progress)
+            texts = [c.text for c in captions]
+            scores = clip_scores(clip, cell_files, texts, batch_size, device, num_workers, progress=progress)
             per_image = {str(c.image_id): float(s) for c, s in zip(captions, scores)}
             result.update(clip_per_image=per_image, clip=float(scores.mean()), clip_key=key)
     result["n_images"] = len(cell_files)
