@@ -3,7 +3,8 @@
 Output: `{out}/{method}/cfg-{scale}/seed-{seed}/{image_id}.png`, `{out}/captions.csv` (the captions used) and
 `{out}/manifest.json` (exact configuration, cells, package versions). Every PNG is written atomically and a finished
 PNG is never regenerated, so a killed sweep resumes where it stopped. Work is split by caption index across
-`--shard i/n` jobs and across the processes of `accelerate launch -m eval.sweep`, without overlap.
+`--shard i/n` jobs and across the processes of `accelerate launch --multi_gpu -m eval.sweep` (or `torchrun`),
+without overlap.
 
 manifest.json: `generation` (GenerationSettings, resolved), `captions` (file, md5, count, source, limit, subset_seed),
 `methods` (name → segmentor and configs), `scales`, `seeds`, `cells` ([{method, scale, seed, path}]), `versions`,
@@ -499,7 +500,7 @@ def plan_from_args(args: argparse.Namespace) -> SweepPlan:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m eval.sweep`, `goca-scfg-sweep` and `accelerate launch -m eval.sweep`."""
+    """Entry point of `python -m eval.sweep`, `goca-scfg-sweep` and `accelerate launch --multi_gpu -m eval.sweep`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
