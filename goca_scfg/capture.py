@@ -8,7 +8,7 @@ Maps are formed later, in fp32, only where a segmentor asks for them (`LayerTens
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -78,7 +78,8 @@ class LayerTensors:
     """What one watched attention layer recorded in the latest UNet call.
 
     q: (2B, N, C) queries; k: (2B, M, C) keys (text keys only for IP-Adapter layers); o: (2B, N, C) per-head
-    outputs concatenated before the out-projection; w_out: (C_out, C) out-projection weight; heads, scale.
+    outputs concatenated before the out-projection; w_out: (C_out, C) out-projection weight; heads, scale;
+    reduced: what the layer's `Reduce` made of them inside the forward pass (the raw fields are then dropped).
     """
 
     heads: int
@@ -87,6 +88,7 @@ class LayerTensors:
     k: Tensor | None = None
     o: Tensor | None = None
     w_out: Tensor | None = None
+    reduced: Tensor | None = None
 
     def probs(self, head_mean: bool = False) -> Tensor:
         """softmax(Q Kᵀ·scale) in fp32: (2B, H, N, M), or the head mean (2B, N, M)."""
@@ -108,7 +110,21 @@ class AttentionRecord:
 
     def clear(self) -> None:
         for t in self.layers.values():
-            t.q = t.k = t.o = None
+            t.q = t.k = t.o = t.reduced = None
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors the record holds now (what capture costs in memory between hooks and use)."""
+        tensors = [x for t in self.layers.values() for x in (t.q, t.k, t.o, t.reduced) if x is not None]
+        return sum(x.numel() * x.element_size() for x in tensors)
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """Turn a layer's raw q/k/o into what the segmentor needs as soon as they exist, inside the forward pass, so
+    the raw tensors are not kept alive; `keep` names raw fields that must stay as well."""
+
+    fn: Callable[[LayerTensors], Tensor]
+    keep: frozenset[str] = frozenset()
 
 
 def _fused_split(module: Attention, out: Tensor, kind: str) -> tuple[Tensor | None, Tensor | None]:
@@ -120,12 +136,16 @@ def _fused_split(module: Attention, out: Tensor, kind: str) -> tuple[Tensor | No
 
 
 @contextmanager
-def capture_attention(unet: nn.Module, requests: dict[str, set[Field]]) -> Iterator[AttentionRecord]:
+def capture_attention(
+    unet: nn.Module, requests: dict[str, set[Field]], reducers: dict[str, Reduce] | None = None
+) -> Iterator[AttentionRecord]:
     """Record `requests[name]` ⊆ {"q", "k", "o"} for the named attention modules during every UNet call.
 
+    With `reducers[name]`, the layer's record keeps only `Reduce.fn` of its fields (plus `Reduce.keep`).
     Hooks are installed on entry and always removed on exit (also on error); capturing an already-captured
     UNet raises. Each call overwrites the previous call's tensors (the record holds one step).
     """
+    reducers = reducers or {}
     if getattr(unet, _ACTIVE, False):
         raise RuntimeError("attention capture is already active on this UNet (nested capture is not supported)")
     modules = dict(unet.named_modules())
@@ -141,7 +161,7 @@ def capture_attention(unet: nn.Module, requests: dict[str, set[Field]]) -> Itera
                 raise ValueError(f"unknown capture fields {set(wanted) - {'q', 'k', 'o'}} for {name!r}")
             slot = LayerTensors(heads=attn.heads, scale=float(attn.scale))
             record.layers[name] = slot
-            handles += _install(attn, slot, set(wanted))
+            handles += _install(attn, slot, set(wanted), reducers.get(name))
         yield record
     finally:
         for h in handles:
@@ -151,12 +171,21 @@ def capture_attention(unet: nn.Module, requests: dict[str, set[Field]]) -> Itera
             delattr(unet, _ACTIVE)
 
 
-def _install(attn: Attention, slot: LayerTensors, wanted: set[str]) -> list:
+def _maybe_reduce(slot: LayerTensors, wanted: set[str], reducer: Reduce | None) -> None:
+    if reducer is None or any(getattr(slot, f) is None for f in wanted):
+        return
+    slot.reduced = reducer.fn(slot)
+    for f in wanted - reducer.keep:
+        setattr(slot, f, None)
+
+
+def _install(attn: Attention, slot: LayerTensors, wanted: set[str], reducer: Reduce | None = None) -> list:
     handles = []
 
     def keep(attr: str):
         def hook(_module, _inputs, output):
             setattr(slot, attr, output)
+            _maybe_reduce(slot, wanted, reducer)
 
         return hook
 
@@ -167,12 +196,14 @@ def _install(attn: Attention, slot: LayerTensors, wanted: set[str]) -> list:
                 slot.q = q
             if "k" in wanted:
                 slot.k = k
+            _maybe_reduce(slot, wanted, reducer)
 
         return hook
 
     def keep_out_input(module, inputs):
-        slot.o = inputs[0]
         slot.w_out = module.weight
+        slot.o = inputs[0]
+        _maybe_reduce(slot, wanted, reducer)
 
     if getattr(attn, "fused_projections", False):
         fused_self = hasattr(attn, "to_qkv") and attn.is_cross_attention is False

@@ -27,6 +27,7 @@ from torch.profiler import record_function
 from .capture import (
     AttentionLayer,
     AttentionRecord,
+    Reduce,
     capture_attention,
     default_dense_block,
     default_self_blocks,
@@ -37,7 +38,14 @@ from .capture import (
 from .config import GoCAConfig, SCFGConfig, check_segmentor
 from .guidance import combine_guidance, rate_map
 from .ops import grid_shape, split_cfg
-from .segment.goca import CrossLayerInputs, PropagationInputs, goca_aggregate, goca_layer_weights, goca_segment
+from .segment.goca import (
+    CrossLayerInputs,
+    PropagationInputs,
+    goca_aggregate,
+    goca_head_aggregate,
+    goca_layer_weights,
+    goca_segment,
+)
 from .segment.scfg import SCFGMapPair, scfg_segment
 from .tokens import STOP_WORDS, caption_token_mask, content_token_mask, live_token_mask
 
@@ -72,7 +80,8 @@ class SpatialGuidance:
     """One call's segmentation plan and per-step work: which layers to record (`requests`, for
     `capture_attention`), `masks(step, record)` → (masks, fg), and `__call__` → ε̂ = ε_u + w·r⊙Δ.
 
-    Built by `StableDiffusionSCFGPipeline.spatial_guidance`; usable on its own to segment any step of a run
+    Built by `StableDiffusionSCFGPipeline.spatial_guidance`; record with
+    `capture_attention(unet, plan.requests, plan.reducers)`. Usable on its own to segment any step of a run
     (e.g. to compare two configs on the same maps). Stages run under `torch.profiler.record_function` labels
     `goca_scfg::*`, so a profiler attributes their cost.
     """
@@ -128,10 +137,12 @@ class SpatialGuidance:
             if not cross:
                 raise ValueError(f"SCFGConfig.ratios has {ratio}, but this UNet has cross-attention at {factors}")
             self.scfg_blocks += [(sibling(layers, x, "self"), x) for x in cross]
-        self.requests = {}
+        self.requests, self.reducers = {}, {}
+        head_mean = Reduce(lambda t: t.probs(head_mean=True))  # only head-mean maps are kept (§1.2)
         for s, c in self.scfg_blocks:
-            self.requests[s.name] = {"q", "k"}
-            self.requests[c.name] = {"q", "k"}
+            for layer in (s, c):
+                self.requests[layer.name] = {"q", "k"}
+                self.reducers[layer.name] = head_mean
 
     def _plan_goca(self, layers: list[AttentionLayer]) -> None:
         cfg = self.goca_config
@@ -158,6 +169,15 @@ class SpatialGuidance:
             req.setdefault(x.name, set()).update({"q", "k"})
         self.goca_self_of = {x.name: sibling(layers, x, "self").name for x in self.goca_cross}
         self.requests = req
+
+        def heads(t):  # §2.3 inside the forward pass: only A_ℓ (2B, N, T) is kept of each cross layer
+            return goca_head_aggregate(t.probs(), t.o, t.w_out, cfg)
+
+        dense_keep = frozenset({"q"}) if cfg.layer == "similarity" else frozenset()
+        self.reducers = {
+            x.name: Reduce(heads, dense_keep if x.name == self.goca_dense.name else frozenset())
+            for x in self.goca_cross
+        }
 
     # ------------------------------------------------------------------ per step
     def __call__(self, step: int, timestep: Any, record: AttentionRecord, eps_uncond: Tensor, eps_cond: Tensor):
@@ -193,11 +213,9 @@ class SpatialGuidance:
     def _scfg_masks(self, record: AttentionRecord) -> tuple[Tensor, Tensor]:
         pairs = []
         for s, c in self.scfg_blocks:
-            rs, rc = record[s.name], record[c.name]
-            pairs.append(SCFGMapPair(rs.probs(head_mean=True), rc.probs(head_mean=True), self._hw(rc.q)))
-        first = self.scfg_blocks[0][1]
-        mask_hw = self._hw(record[first.name].q) if record[first.name].q is not None else pairs[0].hw
-        return scfg_segment(pairs, mask_hw, self.latent_hw, self.scfg_config)
+            attn_cross = record[c.name].reduced
+            pairs.append(SCFGMapPair(record[s.name].reduced, attn_cross, self._hw(attn_cross)))
+        return scfg_segment(pairs, pairs[0].hw, self.latent_hw, self.scfg_config)
 
     def _goca_masks(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
         cfg = self.goca_config
@@ -207,10 +225,8 @@ class SpatialGuidance:
             rs = record[self.goca_self_of[x.name]] if cfg.layer == "similarity" else None
             inputs.append(
                 CrossLayerInputs(
-                    probs=rc.probs(),
-                    out_heads=rc.o,
-                    w_out=rc.w_out,
-                    hw=self._hw(rc.q),
+                    attn_cross=rc.reduced,
+                    hw=self._hw(rc.reduced),
                     self_q=rs.q if rs else None,
                     self_k=rs.k if rs else None,
                     self_heads=rs.heads if rs else 1,
@@ -432,7 +448,7 @@ class StableDiffusionSCFGPipeline(StableDiffusionPipeline):
                 goca_config=goca_config,
                 return_maps=return_maps,
             )
-        capture = capture_attention(self.unet, guide.requests) if guide is not None else nullcontext()
+        capture = capture_attention(self.unet, guide.requests, guide.reducers) if guide is not None else nullcontext()
 
         # 7. Denoising loop
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order

@@ -124,3 +124,31 @@ def test_capture_sees_lora_projections(unet):
             assert torch.equal(record[name].q, adapted) and not torch.allclose(adapted, base)
     finally:
         handle.remove()
+
+
+def test_reducers_keep_only_their_result(unet):
+    """A `Reduce` runs inside the forward pass: the record holds its result (and `keep`), not the raw tensors."""
+    from goca_scfg.capture import Reduce
+
+    cross = [x.name for x in locate_attention_layers(unet) if x.kind == "cross"][:2]
+    requests = {n: {"q", "k", "o"} for n in cross}
+    x = _inputs()
+    with torch.no_grad(), capture_attention(unet, requests) as raw:
+        unet(*x)
+        expected = {n: raw[n].probs(head_mean=True) for n in cross}
+        raw_bytes = raw.nbytes()
+    reducers = {
+        cross[0]: Reduce(lambda t: t.probs(head_mean=True)),
+        cross[1]: Reduce(lambda t: t.o * 2, frozenset({"q"})),
+    }
+    with torch.no_grad(), capture_attention(unet, requests, reducers) as record:
+        out = unet(*x).sample
+        first, second = record[cross[0]], record[cross[1]]
+        assert first.q is None and first.k is None and first.o is None
+        torch.testing.assert_close(first.reduced, expected[cross[0]])
+        assert second.q is not None and second.k is None and second.o is None and second.reduced is not None
+        assert record.nbytes() < raw_bytes
+        record.clear()
+        assert record.nbytes() == 0
+    with torch.no_grad():
+        assert torch.equal(out, unet(*x).sample)

@@ -247,7 +247,7 @@ def test_spatial_guidance_segments_any_recorded_step(tiny_components_factory, se
             seen["masks"], seen["fg"] = plan.masks(i, record)
         return {}
 
-    with capture_attention(pipe.unet, plan.requests) as record:
+    with capture_attention(pipe.unet, plan.requests, plan.reducers) as record:
         pipe(PROMPTS, generator=_gens(2), segmentor=None, callback_on_step_end=on_step, **_kwargs())
     assert torch.equal(seen["masks"].argmax(1), guided.maps[0].labels)
     assert torch.equal(seen["fg"][:, 0].bool(), guided.maps[0].foreground)

@@ -1,5 +1,7 @@
 """GoCA segmentation (ALGORITHM §2): fast paths against naive references and §6 properties 11–21."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from goca_scfg.segment.goca import (
     aggregate_layers,
     foreground_from_sos,
     goca_aggregate,
+    goca_head_aggregate,
     goca_layer_weights,
     goca_region_masks,
     goca_segment,
@@ -106,8 +109,9 @@ def test_layer_weights_nonnegative_sum_one_and_vanilla():
     w = layer_weights_similarity(sims, 1e-12)
     assert (w >= 0).all()
     torch.testing.assert_close(w, torch.tensor([[0.25, 0.0, 0.75, 0.0], [0.5, 0.5, 0.0, 0.0]]))
-    layers = [_layer(_gen(i), (4, 4)) for i in range(3)]
-    vanilla = goca_layer_weights(layers, None, (0, 0), GoCAConfig.vanilla())
+    cfg = GoCAConfig.vanilla()
+    layers = [_layer(_gen(i), (4, 4)).inputs(cfg) for i in range(3)]
+    vanilla = goca_layer_weights(layers, None, (0, 0), cfg)
     assert torch.equal(vanilla, torch.full((4, 3), 1 / 3))
 
 
@@ -169,17 +173,35 @@ def test_foreground_threshold():
     assert foreground_from_sos(s).flatten().tolist() == [1, 1, 0, 0, 0]
 
 
+@dataclass
+class _RawLayer:
+    """What capture records for one block (per-head probs, per-head outputs, W_o, attn1 q/k)."""
+
+    probs: torch.Tensor
+    out_heads: torch.Tensor
+    w_out: torch.Tensor
+    hw: tuple
+    self_q: torch.Tensor
+    self_k: torch.Tensor
+    heads: int
+    scale: float
+
+    def inputs(self, config, rows=slice(None)):
+        attn_cross = goca_head_aggregate(self.probs[rows], self.out_heads[rows], self.w_out, config)
+        return CrossLayerInputs(attn_cross, self.hw, self.self_q[rows], self.self_k[rows], self.heads, self.scale)
+
+
 def _layer(g, hw, heads=2, c=8, t=77, batch=4):
     n = hw[0] * hw[1]
-    return CrossLayerInputs(
+    return _RawLayer(
         probs=torch.softmax(torch.randn(batch, heads, n, t, generator=g), -1),
         out_heads=torch.randn(batch, n, c, generator=g),
         w_out=torch.randn(c, c, generator=g),
         hw=hw,
         self_q=torch.randn(batch, n, c, generator=g),
         self_k=torch.randn(batch, n, c, generator=g),
-        self_heads=heads,
-        self_scale=c**-0.5,
+        heads=heads,
+        scale=c**-0.5,
     )
 
 
@@ -201,7 +223,8 @@ def _random_inputs(seed, batch=2):
 
 
 def _masks(config, seed=0):
-    layers, dense, prop, caption, live = _random_inputs(seed)
+    raw, dense, prop, caption, live = _random_inputs(seed)
+    layers = [x.inputs(config) for x in raw]
     weights = goca_layer_weights(layers, dense, (4, 4), config)
     agg = goca_aggregate(layers, weights, (8, 8), config)
     return goca_segment(agg, prop, caption, live, config)
@@ -222,6 +245,7 @@ def test_goca_segment_matches_reference_pipeline():
     layers, dense, prop, caption, live = _random_inputs(1)
     cfg = GoCAConfig()
     masks, fg = _masks(cfg, seed=1)
+    raw_of = {id(x): x for x in layers}
     from goca_scfg.ops import gaussian_taps, smooth
 
     taps = gaussian_taps(5, 1.1)
@@ -229,15 +253,13 @@ def test_goca_segment_matches_reference_pipeline():
     for i in range(b):
         rows = [i, b + i]  # uncond, cond of sample i
         one = [
-            CrossLayerInputs(
-                x.probs[rows], x.out_heads[rows], x.w_out, x.hw, x.self_q[rows], x.self_k[rows], 2, x.self_scale
-            )
-            for x in layers
+            _RawLayer(x.probs[rows], x.out_heads[rows], x.w_out, x.hw, x.self_q[rows], x.self_k[rows], 2, x.scale)
+            for x in raw_of.values()
         ]
         sims = []
         p = torch.softmax(dense[rows] @ dense[rows].transpose(1, 2) / 8**0.5, -1)
         for x in one:
-            full = attention_probs(x.self_q, x.self_k, 2, x.self_scale, head_mean=True)
+            full = attention_probs(x.self_q, x.self_k, 2, x.scale, head_mean=True)
             sims.append((p * resize_self_map(full, x.hw, (4, 4))).sum((1, 2)))
         sims = torch.stack(sims, 1).clamp_min(0)
         lw = sims / sims.sum(1, keepdim=True)
@@ -277,21 +299,17 @@ def test_fast_mode_switches_are_close_to_exact():
 
 def test_batch_independence_exact():
     """§6.22: every sample is segmented from its own inputs: batch results equal per-sample runs."""
-    layers, dense, prop, caption, live = _random_inputs(3)
+    raw, dense, prop, caption, live = _random_inputs(3)
     caption[1, 6:9] = True  # the two prompts differ in length
     live = caption.clone()
     live[:, 0] = True
     cfg = GoCAConfig()
+    layers = [x.inputs(cfg) for x in raw]
     w = goca_layer_weights(layers, dense, (4, 4), cfg)
     masks, fg = goca_segment(goca_aggregate(layers, w, (8, 8), cfg), prop, caption, live, cfg)
     for i in range(2):
         rows = [i, 2 + i]
-        one = [
-            CrossLayerInputs(
-                x.probs[rows], x.out_heads[rows], x.w_out, x.hw, x.self_q[rows], x.self_k[rows], 2, x.self_scale
-            )
-            for x in layers
-        ]
+        one = [x.inputs(cfg, rows) for x in raw]
         p1 = PropagationInputs(
             [q[i : i + 1] for q in prop.queries], [k[i : i + 1] for k in prop.keys], [2] * 3, prop.scales
         )
@@ -299,3 +317,35 @@ def test_batch_independence_exact():
         torch.testing.assert_close(w1, w[rows], atol=1e-6, rtol=1e-6)
         m1, f1 = goca_segment(goca_aggregate(one, w1, (8, 8), cfg), p1, caption[i : i + 1], live[i : i + 1], cfg)
         assert (m1 == masks[i : i + 1]).float().mean() >= 0.99 and (f1 == fg[i : i + 1]).float().mean() >= 0.99
+
+
+def _reference_head_mean(q, k, heads, scale):
+    """Head-mean softmax map accumulated one head at a time (keeps SD-sized references in memory)."""
+    d = q.shape[-1] // heads
+    acc = 0
+    for h in range(heads):
+        sl = slice(h * d, (h + 1) * d)
+        acc = acc + torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) * scale, -1)
+    return acc / heads
+
+
+def test_sd15_shaped_fast_paths():
+    """§6.21 at SD v1.5 shapes (8 heads; 4096/1024/256/64 tokens; dense 32×32×640): similarity and propagation."""
+    g = _gen(9)
+    dense = torch.randn(1, 1024, 640, generator=g)
+    pseudo = pseudo_self_attention(dense)
+    for hw, c in [((64, 64), 320), ((16, 16), 1280), ((8, 8), 1280)]:
+        n = hw[0] * hw[1]
+        q, k = torch.randn(1, n, c, generator=g), torch.randn(1, n, c, generator=g)
+        scale = (c // 8) ** -0.5
+        full = _reference_head_mean(q, k, 8, scale)
+        ref = (pseudo * resize_self_map(full, hw, (32, 32))).sum((1, 2))
+        got = layer_similarity(pseudo, q, k, 8, scale, hw, (32, 32))
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+    qs = [torch.randn(1, 4096, 320, generator=g) * 0.3 for _ in range(3)]
+    ks = [torch.randn(1, 4096, 320, generator=g) * 0.3 for _ in range(3)]
+    x = torch.rand(1, 78, 64, 64, generator=g)
+    s = sum(_reference_head_mean(q, k, 8, 40**-0.5) for q, k in zip(qs, ks)) / 3
+    ref = (s @ (s @ x.flatten(2).transpose(1, 2))).transpose(1, 2).reshape(x.shape)
+    got = propagate_self_attention(x, qs, ks, [8] * 3, [40**-0.5] * 3, 2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

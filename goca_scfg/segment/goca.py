@@ -27,6 +27,8 @@ from ..ops import (
     to_grid,
 )
 
+_CHUNK_ELEMENTS = 2**25  # fp32 elements (128 MiB) per temporary in the chunked similarity
+
 # ----------------------------------------------------------------------------------------------- §2.3 heads
 
 
@@ -55,6 +57,19 @@ def head_weights_average(batch: int, heads: int, n: int, device: torch.device | 
 def aggregate_heads(probs: Tensor, weights: Tensor) -> Tensor:
     """A(p, t) = Σ_h w_h(p)·P_h(p, t) (ALGORITHM §2.3). probs: (B, H, N, T); weights: (B, H, N) → (B, N, T)."""
     return torch.einsum("bhnt,bhn->bnt", probs.float(), weights.float())
+
+
+def goca_head_aggregate(probs: Tensor, out_heads: Tensor, w_out: Tensor, config: GoCAConfig) -> Tensor:
+    """One block's head-aggregated cross map A_ℓ (B, N, T) by the configured head method (ALGORITHM §2.3).
+
+    probs: (B, H, N, T) per-head cross probabilities; out_heads: (B, N, C); w_out: (C_out, C).
+    """
+    batch, heads, n, _ = probs.shape
+    if config.head == "dot":
+        weights = head_weights_dot_product(out_heads, w_out, heads, config.eps)
+    else:
+        weights = head_weights_average(batch, heads, n, probs.device)
+    return aggregate_heads(probs, weights)
 
 
 # ----------------------------------------------------------------------------------------------- §2.4 layers
@@ -95,24 +110,38 @@ def layer_similarity(
     """s_ℓ = Σ_{p,k} P(p,k)·T̃_ℓ(p,k) per sample (ALGORITHM §2.4 steps 2–4), without N×N maps at latent size.
 
     pseudo: (B, Nd', Nd) from `pseudo_self_attention` with the same `query_stride`; self_q, self_k: (B, N, C) of
-    the block's attn1. A grid twice the dense grid uses even query rows and 2×2 key pooling (exactly the
-    bilinear/nearest resize, §4.3), one head at a time; other grids use `resize_self_map`. Returns (B,).
+    the block's attn1 (self_q may already hold only the even rows). A grid twice the dense grid uses even query rows
+    and 2×2 key pooling (exactly the bilinear/nearest resize, §4.3), one head and one row chunk at a time; other
+    grids use `resize_self_map`. Returns (B,).
     """
     b = self_q.shape[0]
     (h, w), (dh, dw) = hw, dense_hw
     if (h, w) == (2 * dh, 2 * dw):
-        q = self_q.float().view(b, h, w, -1)[:, ::2, ::2].reshape(b, dh * dw, -1)[:, ::query_stride]
+        q = self_q.float()
+        if q.shape[1] == h * w:  # full queries: keep the even (y, x) rows
+            q = even_query_rows(q, hw)
+        q = q[:, ::query_stride]
         k = self_k.float()
         d = q.shape[-1] // heads
-        acc = torch.zeros(b, q.shape[1], dh * dw, device=q.device)
-        for i in range(heads):
-            sl = slice(i * d, (i + 1) * d)
-            probs = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) * scale, dim=-1)  # (B, Nd', N)
-            pooled = F.avg_pool2d(probs.reshape(-1, 1, h, w), 2).reshape(b, q.shape[1], dh * dw)
-            acc += pooled
-        return (pseudo * acc).sum(dim=(1, 2)) / heads
+        rows = max(1, _CHUNK_ELEMENTS // (b * h * w))  # bound the (B, rows, N) temporaries
+        total = torch.zeros(b, device=q.device)
+        for start in range(0, q.shape[1], rows):
+            acc = 0
+            for i in range(heads):
+                sl = slice(i * d, (i + 1) * d)
+                logits = q[:, start : start + rows, sl] @ k[..., sl].transpose(1, 2)
+                probs = torch.softmax(logits * scale, dim=-1)  # (B, rows, N)
+                acc = acc + F.avg_pool2d(probs.reshape(-1, 1, h, w), 2).reshape(b, -1, dh * dw)
+            total += (pseudo[:, start : start + rows] * acc).sum(dim=(1, 2))
+        return total / heads
     full = attention_probs(self_q, self_k, heads, scale, head_mean=True)
     return (pseudo * resize_self_map(full, hw, dense_hw)[:, ::query_stride]).sum(dim=(1, 2))
+
+
+def even_query_rows(q: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Rows of (B, N, C) at even (y, x) of the (h, w) grid: nearest 2× down-sampling of the queries (§4.3)."""
+    b, _, c = q.shape
+    return q.view(b, hw[0], hw[1], c)[:, ::2, ::2].reshape(b, -1, c)
 
 
 def layer_weights_similarity(sims: Tensor, eps: float) -> Tensor:
@@ -202,12 +231,10 @@ def foreground_from_sos(sos: Tensor, threshold: float = 0.5) -> Tensor:
 
 @dataclass(frozen=True)
 class CrossLayerInputs:
-    """One aggregated block for the whole CFG batch (2B first): per-head cross probs (2B, H, N, T), per-head outputs
-    (2B, N, C) and W_o (C_out, C) of its attn2, its attn1 queries/keys (2B, N, C) for the layer similarity."""
+    """One aggregated block for the whole CFG batch (2B first): its head-aggregated cross map (2B, N, T) from
+    `goca_head_aggregate`, its grid, and its attn1 queries/keys (2B, N, C) for the layer similarity."""
 
-    probs: Tensor
-    out_heads: Tensor
-    w_out: Tensor
+    attn_cross: Tensor
     hw: tuple[int, int]
     self_q: Tensor | None = None
     self_k: Tensor | None = None
@@ -229,9 +256,9 @@ def goca_layer_weights(
     layers: list[CrossLayerInputs], dense: Tensor, dense_hw: tuple[int, int], config: GoCAConfig
 ) -> Tensor:
     """Layer weights (2B, L) by the configured method (ALGORITHM §2.4 steps 1–5; 'average' gives 1/L)."""
-    batch = layers[0].probs.shape[0]
+    batch = layers[0].attn_cross.shape[0]
     if config.layer == "average":
-        return torch.full((batch, len(layers)), 1.0 / len(layers), device=layers[0].probs.device)
+        return torch.full((batch, len(layers)), 1.0 / len(layers), device=layers[0].attn_cross.device)
     pseudo = pseudo_self_attention(dense, config.layer_query_stride)
     sims = torch.stack(
         [
@@ -248,15 +275,8 @@ def goca_layer_weights(
 def goca_aggregate(
     layers: list[CrossLayerInputs], layer_weights: Tensor, latent_hw: tuple[int, int], config: GoCAConfig
 ) -> Tensor:
-    """G for both CFG halves (2B, T, H, W): head aggregation per block, then the weighted layer sum (§2.3–2.4)."""
-    maps = []
-    for x in layers:
-        batch, heads, n, _ = x.probs.shape
-        if config.head == "dot":
-            weights = head_weights_dot_product(x.out_heads, x.w_out, heads, config.eps)
-        else:
-            weights = head_weights_average(batch, heads, n, x.probs.device)
-        maps.append(to_grid(aggregate_heads(x.probs, weights), x.hw))
+    """G for both CFG halves (2B, T, H, W): the weighted sum of the blocks' head-aggregated maps (§2.4 step 6)."""
+    maps = [to_grid(x.attn_cross, x.hw) for x in layers]
     return aggregate_layers(maps, layer_weights, latent_hw, config.eps)
 
 
