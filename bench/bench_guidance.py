@@ -1,0 +1,317 @@
+"""Time and peak memory of S-CFG and GoCA guidance against plain CFG, measured in the same run on one device.
+
+Builds an SD-v1.5-sized pipeline with random weights (the published SD v1.5 UNet / VAE / text-encoder configs and
+the offline CLIP tokenizer; random weights time exactly like real ones), or loads real weights with --model.
+For every case (size × batch) and method it reports the median seconds per image over repeats, the peak device
+memory, and both as ratios to plain CFG (`segmentor=None`). With --profile it attributes the per-step cost of the
+segmentation stages (torch.profiler labels `goca_scfg::*`). With --agreement it measures the per-step label
+agreement of GoCA's fast mode against the exact mode on the same recorded maps.
+
+  python bench/bench_guidance.py --tiny                  # CPU smoke mode: seconds
+  python bench/bench_guidance.py --device cuda           # the GPU run of bench/RESULTS.md (fp16, 50 steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from goca_scfg import GoCAConfig, StableDiffusionSCFGPipeline, capture_attention
+from goca_scfg.testing import clip_tokenizer, make_scheduler, tiny_components
+
+METHODS = {
+    "cfg": dict(segmentor=None),
+    "scfg": dict(segmentor="scfg"),
+    "goca": dict(segmentor="goca", goca_config=GoCAConfig()),
+    "goca-fast": dict(segmentor="goca", goca_config=GoCAConfig.fast()),
+}
+PROMPT = "a photograph of an astronaut riding a horse on the beach"
+
+# Published SD v1.5 component configs (unet/vae/text_encoder config.json of the model repo).
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=512,
+)
+SD15_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+
+@dataclass
+class Case:
+    height: int
+    width: int
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.height}x{self.width} b{self.batch}"
+
+
+def sd15_random_pipeline(dtype: torch.dtype, device: str) -> StableDiffusionSCFGPipeline:
+    """SD v1.5 architecture with random weights, built offline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionSCFGPipeline(
+        unet=UNet2DConditionModel(**SD15_UNET),
+        vae=AutoencoderKL(**SD15_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+        tokenizer=clip_tokenizer(),
+        scheduler=make_scheduler("pndm"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+def build_pipeline(args) -> StableDiffusionSCFGPipeline:
+    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.tiny:
+        pipe = StableDiffusionSCFGPipeline(**tiny_components()).to(args.device)
+    elif args.model:
+        pipe = StableDiffusionSCFGPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None)
+        pipe = pipe.to(args.device)
+    else:
+        pipe = sd15_random_pipeline(dtype, args.device)
+    if args.scheduler != "pndm":
+        pipe.scheduler = make_scheduler(args.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_once(pipe, case: Case, method: str, steps: int, device: str) -> tuple[float, float | None]:
+    """Seconds for one call and peak device memory (GiB; None on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    pipe(
+        [PROMPT] * case.batch,
+        height=case.height,
+        width=case.width,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(i) for i in range(case.batch)],
+        output_type="latent",
+        **METHODS[method],
+    )
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return seconds, peak
+
+
+def measure(pipe, cases: list[Case], methods: list[str], args) -> list[dict]:
+    rows = []
+    for case in cases:
+        base_time = base_mem = None
+        for method in methods:
+            try:
+                run_once(pipe, case, method, args.warmup_steps, args.device)  # warm-up (kernels, allocator)
+                runs = [run_once(pipe, case, method, args.steps, args.device) for _ in range(args.repeats)]
+            except torch.cuda.OutOfMemoryError:
+                rows.append(dict(case=case.name, method=method, error="out of memory"))
+                continue
+            sec = statistics.median(r[0] for r in runs) / case.batch
+            mem = max(r[1] for r in runs) if runs[0][1] is not None else None
+            if method == "cfg":
+                base_time, base_mem = sec, mem
+            row = dict(case=case.name, method=method, s_per_img=sec, peak_gib=mem)
+            row["time_ratio"] = sec / base_time if base_time else None
+            row["mem_ratio"] = mem / base_mem if (mem is not None and base_mem) else None
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(row: dict) -> str:
+    if "error" in row:
+        return f"{row['case']:>14} {row['method']:>10}  {row['error']}"
+    mem = f"{row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else "n/a"
+    tr = f"{row['time_ratio']:.3f}x" if row["time_ratio"] else "-"
+    mr = f"{row['mem_ratio']:.3f}x" if row["mem_ratio"] else "-"
+    return f"{row['case']:>14} {row['method']:>10}  {row['s_per_img']:.4f} s/img ({tr})  peak {mem} ({mr})"
+
+
+def profile_stages(pipe, case: Case, method: str, args) -> dict[str, float]:
+    """Per-step milliseconds of each `goca_scfg::*` stage and of the UNet call, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    run_once(pipe, case, method, args.warmup_steps, args.device)
+    with profile(activities=activities) as prof:
+        run_once(pipe, case, method, args.profile_steps, args.device)
+    out = {}
+    for evt in prof.key_averages():
+        if evt.key.startswith("goca_scfg::"):
+            device_us = getattr(evt, "device_time_total", 0) or 0
+            total = max(evt.cpu_time_total, device_us)
+            out[evt.key] = total / 1000 / args.profile_steps
+    return out
+
+
+def capture_bytes(pipe, case: Case, method: str) -> int:
+    """Bytes the attention record holds at the end of a UNet call (the capture's extra memory per step)."""
+    kwargs = METHODS[method]
+    prompts = [PROMPT] * case.batch
+    plan = pipe.spatial_guidance(
+        kwargs["segmentor"], prompts, case.height, case.width, goca_config=kwargs.get("goca_config")
+    )
+    held = []
+    with capture_attention(pipe.unet, plan.requests, plan.reducers) as record:
+        pipe(
+            prompts,
+            height=case.height,
+            width=case.width,
+            num_inference_steps=1,
+            segmentor=None,
+            output_type="latent",
+            callback_on_step_end=lambda *_: held.append(record.nbytes()) or {},
+        )
+    return max(held)
+
+
+def label_agreement(pipe, case: Case, args) -> list[float]:
+    """Per-step fraction of latent pixels whose GoCA label agrees between fast mode and exact mode.
+
+    Both plans segment the same recorded maps of one plain-CFG trajectory, so only the approximation differs.
+    """
+    prompts = [PROMPT] * case.batch
+    exact = pipe.spatial_guidance("goca", prompts, case.height, case.width, goca_config=GoCAConfig())
+    fast = pipe.spatial_guidance("goca", prompts, case.height, case.width, goca_config=GoCAConfig.fast())
+    agreement = []
+
+    def on_step(_pipe, i, _t, _kwargs):
+        a = exact.masks(i, record)[0].argmax(1)
+        b = fast.masks(i, record)[0].argmax(1)
+        agreement.append((a == b).float().mean().item())
+        return {}
+
+    # both plans record the same layers with the same reducers (fast mode changes no head aggregation)
+    with capture_attention(pipe.unet, exact.requests, exact.reducers) as record:
+        pipe(
+            prompts,
+            height=case.height,
+            width=case.width,
+            num_inference_steps=args.agreement_steps,
+            generator=[torch.Generator().manual_seed(i) for i in range(case.batch)],
+            segmentor=None,
+            output_type="latent",
+            callback_on_step_end=on_step,
+        )
+    return agreement
+
+
+def parse_cases(text: str) -> list[Case]:
+    cases = []
+    for item in text.split(","):
+        size, batch = item.strip().split("b")
+        h, _, w = size.partition("x")
+        cases.append(Case(int(h), int(w or h), int(batch)))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU, a few steps (smoke mode)")
+    parser.add_argument("--model", default=None, help="real weights (hub id or path); default: random SD v1.5")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--scheduler", choices=["pndm", "ddim", "dpm++"], default="pndm")
+    parser.add_argument("--cases", default="512b1,512b8,1024b1", help="comma list of SIZE[xW]bBATCH")
+    parser.add_argument("--methods", default="cfg,scfg,goca,goca-fast")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="per-stage profile of scfg and goca")
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--agreement", action="store_true", help="fast-mode label agreement vs exact mode")
+    parser.add_argument("--agreement-steps", type=int, default=20)
+    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.device, args.dtype = "cpu", "fp32"
+        if args.cases == parser.get_default("cases"):
+            args.cases = "128b1,128b2"
+        if args.steps == parser.get_default("steps"):
+            args.steps = 3
+        args.warmup_steps, args.profile_steps, args.agreement_steps = 1, 2, min(args.agreement_steps, 4)
+        args.repeats = min(args.repeats, 2)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = set(methods) - set(METHODS)
+    if unknown or methods[0] != "cfg":
+        parser.error(f"--methods must start with cfg (the baseline) and use {sorted(METHODS)}; got {methods}")
+    cases = parse_cases(args.cases)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"# device: {device_name}; dtype {args.dtype}; scheduler {args.scheduler}; steps {args.steps}")
+    print(f"# torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; command: {' '.join(sys.argv)}")
+    pipe = build_pipeline(args)
+    results: dict = {"device": device_name, "args": vars(args), "rows": measure(pipe, cases, methods, args)}
+    if args.profile:
+        results["profile"] = {}
+        for method in [m for m in ("scfg", "goca", "goca-fast") if m in methods]:
+            stages = profile_stages(pipe, cases[0], method, args)
+            held = capture_bytes(pipe, cases[0], method)
+            results["profile"][method] = {**stages, "record_mib": held / 2**20}
+            text = ", ".join(f"{k}={v:.2f}" for k, v in stages.items())
+            print(f"# profile {cases[0].name} {method} (ms/step): {text}; record holds {held / 2**20:.1f} MiB")
+    if args.agreement:
+        results["agreement"] = {}
+        for case in cases[:1]:
+            agree = label_agreement(pipe, case, args)
+            results["agreement"][case.name] = agree
+            print(f"# fast-mode label agreement {case.name}: min {min(agree):.4f}, mean {statistics.mean(agree):.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
