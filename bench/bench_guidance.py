@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from goca_scfg import GoCAConfig, StableDiffusionSCFGPipeline, capture_attention
-from goca_scfg.testing import clip_tokenizer, make_scheduler, tiny_components
+from goca_scfg.testing import make_scheduler, sd15_random_components, tiny_components
 
 METHODS = {
     "cfg": dict(segmentor=None),
@@ -33,43 +33,6 @@ METHODS = {
     "goca-fast": dict(segmentor="goca", goca_config=GoCAConfig.fast()),
 }
 PROMPT = "a photograph of an astronaut riding a horse on the beach"
-
-# Published SD v1.5 component configs (unet/vae/text_encoder config.json of the model repo).
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
-SD15_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=512,
-)
-SD15_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
-)
 
 
 @dataclass
@@ -83,25 +46,6 @@ class Case:
         return f"{self.height}x{self.width} b{self.batch}"
 
 
-def sd15_random_pipeline(dtype: torch.dtype, device: str) -> StableDiffusionSCFGPipeline:
-    """SD v1.5 architecture with random weights, built offline."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    pipe = StableDiffusionSCFGPipeline(
-        unet=UNet2DConditionModel(**SD15_UNET),
-        vae=AutoencoderKL(**SD15_VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
-        tokenizer=clip_tokenizer(),
-        scheduler=make_scheduler("pndm"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe.to(device=device, dtype=dtype)
-
-
 def build_pipeline(args) -> StableDiffusionSCFGPipeline:
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.tiny:
@@ -110,7 +54,7 @@ def build_pipeline(args) -> StableDiffusionSCFGPipeline:
         pipe = StableDiffusionSCFGPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None)
         pipe = pipe.to(args.device)
     else:
-        pipe = sd15_random_pipeline(dtype, args.device)
+        pipe = StableDiffusionSCFGPipeline(**sd15_random_components()).to(device=args.device, dtype=dtype)
     if args.scheduler != "pndm":
         pipe.scheduler = make_scheduler(args.scheduler)
     pipe.set_progress_bar_config(disable=True)

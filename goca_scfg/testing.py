@@ -62,51 +62,53 @@ def clip_tokenizer():
         return CLIPTokenizer(vocab_file, merges_file, model_max_length=77, pad_token="<|endoftext|>")
 
 
-def tiny_components(seed: int = 0, scheduler: str = "pndm") -> dict[str, Any]:
-    """Tiny random `StableDiffusionPipeline` components (SD-v1.5-shaped, 4 levels), deterministic from `seed`."""
+# Shared by both architectures: SD v1.x's block layout and CLIP's special token ids.
+_UNET_LAYOUT = dict(
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+_VAE_LAYOUT = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
+_TEXT_LAYOUT = dict(
+    vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407
+)
+
+# Tiny: four levels, SD-v1.5 layer names, seconds on a CPU. `attention_head_dim` is the head count (SD 1.x quirk).
+_TINY = (
+    dict(sample_size=16, block_out_channels=(16, 16, 32, 32), cross_attention_dim=32, attention_head_dim=2,
+         norm_num_groups=8),
+    dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1, sample_size=128),
+    dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, layer_norm_eps=1e-5),
+)  # fmt: skip
+# The published SD v1.5 unet / vae / text_encoder configs: random weights time exactly like real ones.
+_SD15 = (
+    dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+         norm_num_groups=32),
+    dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2, sample_size=512),
+    dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+         hidden_act="quick_gelu"),
+)  # fmt: skip
+
+
+def _random_components(sizes: tuple[dict, dict, dict], seed: int, scheduler: str) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    unet_cfg, vae_cfg, text_cfg = sizes
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
-        attention_head_dim=2,  # SD v1.x quirk: this is the number of heads
-        norm_num_groups=8,
-    )
+    unet = UNet2DConditionModel(**_UNET_LAYOUT, **unet_cfg)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=128,
-    )
+    vae = AutoencoderKL(**_VAE_LAYOUT, **vae_cfg)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            vocab_size=49408,
-            layer_norm_eps=1e-5,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_LAYOUT, **text_cfg))
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
@@ -118,6 +120,16 @@ def tiny_components(seed: int = 0, scheduler: str = "pndm") -> dict[str, Any]:
         "image_encoder": None,
         "requires_safety_checker": False,
     }
+
+
+def tiny_components(seed: int = 0, scheduler: str = "pndm") -> dict[str, Any]:
+    """Tiny random `StableDiffusionPipeline` components (SD-v1.5-shaped, 4 levels), deterministic from `seed`."""
+    return _random_components(_TINY, seed, scheduler)
+
+
+def sd15_random_components(seed: int = 0, scheduler: str = "pndm") -> dict[str, Any]:
+    """SD v1.5's architecture (860M-parameter UNet) with random weights, offline: for speed and memory benchmarks."""
+    return _random_components(_SD15, seed, scheduler)
 
 
 _SD15_SCHEDULER = {
