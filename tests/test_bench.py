@@ -40,4 +40,5 @@ def test_bench_tiny_smoke(tmp_path):
     )
     assert results["profile"]["scfg"]["record_mib"] > 0
     agreement = results["agreement"]["128x128 b2"]
-    assert len(agreement) > 0 and all(0 <= a <= 1 for a in agreement)
+    assert set(agreement) == {"fast", "fp16_noise"}
+    assert all(len(v) > 0 and all(0 <= a <= 1 for a in v) for v in agreement.values())

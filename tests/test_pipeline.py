@@ -251,3 +251,44 @@ def test_spatial_guidance_segments_any_recorded_step(tiny_components_factory, se
         pipe(PROMPTS, generator=_gens(2), segmentor=None, callback_on_step_end=on_step, **_kwargs())
     assert torch.equal(seen["masks"].argmax(1), guided.maps[0].labels)
     assert torch.equal(seen["fg"][:, 0].bool(), guided.maps[0].foreground)
+
+
+def _attach_random_ip_adapter(unet, embed_dim=16, seed=0):
+    """A random IP-Adapter (image projection + per-cross-layer to_k_ip/to_v_ip) loaded through diffusers' loader."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": torch.randn(cross * 4, embed_dim, generator=g) * 0.2,
+        "proj.bias": torch.zeros(cross * 4),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    modules, ip, key = dict(unet.named_modules()), {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = modules[name[: -len(".processor")]].to_k.out_features
+            ip[f"{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.2
+            ip[f"{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.2
+            key += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip}], low_cpu_mem_usage=False)
+
+
+@pytest.mark.parametrize("segmentor", ["scfg", "goca"])
+def test_ip_adapter_processors_keep_working(tiny_components_factory, segmentor):
+    """IP-Adapter processors stay in place and in effect; the segmentor sees the 77 text keys only."""
+    components = tiny_components_factory()
+    _attach_random_ip_adapter(components["unet"])
+    pipe = _pipe(components)
+    processors = dict(pipe.unet.attn_processors)
+    assert any("IPAdapter" in type(p).__name__ for p in processors.values())
+    embeds = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))]  # [negative; positive]
+    kw = _kwargs(output_type="latent")
+    with_ip = pipe(PROMPTS[0], generator=_gens(1), segmentor=segmentor, ip_adapter_image_embeds=embeds, **kw)
+    pipe.set_ip_adapter_scale(0.0)
+    without = pipe(PROMPTS[0], generator=_gens(1), segmentor=segmentor, ip_adapter_image_embeds=embeds, **kw)
+    assert (with_ip.images - without.images).abs().max() > 1e-4
+    out = pipe(
+        PROMPTS[0], generator=_gens(1), segmentor=segmentor, ip_adapter_image_embeds=embeds, return_maps=True, **kw
+    )
+    assert len(out.maps[0].tokens[0]) == 77 and out.maps[0].labels.shape == (1, 16, 16)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
