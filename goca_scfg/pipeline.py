@@ -41,6 +41,7 @@ from .ops import grid_shape, split_cfg
 from .segment.goca import (
     CrossLayerInputs,
     PropagationInputs,
+    even_query_rows,
     goca_aggregate,
     goca_head_aggregate,
     goca_layer_weights,
@@ -178,6 +179,22 @@ class SpatialGuidance:
             x.name: Reduce(heads, dense_keep if x.name == self.goca_dense.name else frozenset())
             for x in self.goca_cross
         }
+        # Self layers that only feed the similarity keep only what it reads (§4.3): a coarser grid its head-mean
+        # map, a grid twice the dense one its even query rows (and all keys). Propagation layers keep q and k.
+        self.self_mode: dict[str, str] = {}
+        if cfg.layer == "similarity":
+            prop_names = {x.name for x in self.goca_prop}
+            for x in self.goca_cross:
+                s = sibling(layers, x, "self")
+                if s.name in prop_names:
+                    continue
+                if s.factor > self.goca_dense.factor:
+                    self.self_mode[s.name] = "map"
+                    self.reducers[s.name] = Reduce(lambda t: t.probs(head_mean=True))
+                elif 2 * s.factor == self.goca_dense.factor:
+                    grid = (self.latent_hw[0] // s.factor, self.latent_hw[1] // s.factor)
+                    self.self_mode[s.name] = "even"
+                    self.reducers[s.name] = Reduce(lambda t, g=grid: even_query_rows(t.q, g), frozenset({"k"}))
 
     # ------------------------------------------------------------------ per step
     def __call__(self, step: int, timestep: Any, record: AttentionRecord, eps_uncond: Tensor, eps_cond: Tensor):
@@ -222,12 +239,15 @@ class SpatialGuidance:
         inputs = []
         for x in self.goca_cross:
             rc = record[x.name]
-            rs = record[self.goca_self_of[x.name]] if cfg.layer == "similarity" else None
+            name = self.goca_self_of[x.name]
+            rs = record[name] if cfg.layer == "similarity" else None
+            mode = self.self_mode.get(name, "raw")
             inputs.append(
                 CrossLayerInputs(
                     attn_cross=rc.reduced,
                     hw=self._hw(rc.reduced),
-                    self_q=rs.q if rs else None,
+                    self_map=rs.reduced if mode == "map" else None,
+                    self_q=rs.reduced if mode == "even" else (rs.q if rs else None),
                     self_k=rs.k if rs else None,
                     self_heads=rs.heads if rs else 1,
                     self_scale=rs.scale if rs else 1.0,

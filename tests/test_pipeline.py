@@ -292,3 +292,29 @@ def test_ip_adapter_processors_keep_working(tiny_components_factory, segmentor):
     )
     assert len(out.maps[0].tokens[0]) == 77 and out.maps[0].labels.shape == (1, 16, 16)
     assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
+
+
+def test_goca_self_layer_reduction_changes_nothing(tiny_components_factory):
+    """Keeping only even query rows / head-mean maps of similarity-only self layers gives the masks of raw q/k."""
+    from goca_scfg import capture_attention
+
+    pipe = _pipe(tiny_components_factory())
+    reduced = pipe.spatial_guidance("goca", PROMPTS, 128, 128)
+    assert set(reduced.self_mode.values()) == {"map", "even"}
+    raw = pipe.spatial_guidance("goca", PROMPTS, 128, 128)
+    raw.self_mode = {}
+    raw.reducers = {k: v for k, v in raw.reducers.items() if k.endswith("attn2")}
+
+    def masks_per_step(plan):
+        seen = []
+
+        def on_step(p, i, t, kwargs):
+            seen.append(plan.masks(i, record))
+            return {}
+
+        with capture_attention(pipe.unet, plan.requests, plan.reducers) as record:
+            pipe(PROMPTS, generator=_gens(2), segmentor=None, callback_on_step_end=on_step, **_kwargs())
+        return seen
+
+    for (m1, f1), (m2, f2) in zip(masks_per_step(reduced), masks_per_step(raw)):
+        assert torch.equal(m1, m2) and torch.equal(f1, f2)

@@ -12,6 +12,7 @@ from goca_scfg.segment.goca import (
     PropagationInputs,
     aggregate_heads,
     aggregate_layers,
+    even_query_rows,
     foreground_from_sos,
     goca_aggregate,
     goca_head_aggregate,
@@ -88,6 +89,16 @@ def test_layer_similarity_equals_full_4d_resize(hw, dense):
     full = attention_probs(q, k, 3, 0.5, head_mean=True)
     ref = (ref_p * resize_self_map(full, hw, dense)).sum((1, 2))
     torch.testing.assert_close(layer_similarity(pseudo, q, k, 3, 0.5, hw, dense), ref, atol=1e-5, rtol=1e-5)
+    if hw == (8, 8):  # the record may hold only the even query rows
+        even = even_query_rows(q, hw)
+        assert torch.equal(
+            layer_similarity(pseudo, even, k, 3, 0.5, hw, dense), layer_similarity(pseudo, q, k, 3, 0.5, hw, dense)
+        )
+    else:  # or, for other grids, the head-mean map
+        assert torch.equal(
+            layer_similarity(pseudo, None, None, 3, 0.5, hw, dense, self_map=full),
+            layer_similarity(pseudo, q, k, 3, 0.5, hw, dense),
+        )
 
 
 def test_resize_self_map_is_keys_bilinear_queries_nearest():
@@ -188,7 +199,10 @@ class _RawLayer:
 
     def inputs(self, config, rows=slice(None)):
         attn_cross = goca_head_aggregate(self.probs[rows], self.out_heads[rows], self.w_out, config)
-        return CrossLayerInputs(attn_cross, self.hw, self.self_q[rows], self.self_k[rows], self.heads, self.scale)
+        return CrossLayerInputs(
+            attn_cross, self.hw, self_q=self.self_q[rows], self_k=self.self_k[rows], self_heads=self.heads,
+            self_scale=self.scale,
+        )  # fmt: skip
 
 
 def _layer(g, hw, heads=2, c=8, t=77, batch=4):

@@ -106,15 +106,16 @@ def layer_similarity(
     hw: tuple[int, int],
     dense_hw: tuple[int, int],
     query_stride: int = 1,
+    self_map: Tensor | None = None,
 ) -> Tensor:
     """s_ℓ = Σ_{p,k} P(p,k)·T̃_ℓ(p,k) per sample (ALGORITHM §2.4 steps 2–4), without N×N maps at latent size.
 
     pseudo: (B, Nd', Nd) from `pseudo_self_attention` with the same `query_stride`; self_q, self_k: (B, N, C) of
     the block's attn1 (self_q may already hold only the even rows). A grid twice the dense grid uses even query rows
     and 2×2 key pooling (exactly the bilinear/nearest resize, §4.3), one head and one row chunk at a time; other
-    grids use `resize_self_map`. Returns (B,).
+    grids use `resize_self_map` on the head-mean map (`self_map` when given, else formed from q and k). Returns (B,).
     """
-    b = self_q.shape[0]
+    b = pseudo.shape[0]
     (h, w), (dh, dw) = hw, dense_hw
     if (h, w) == (2 * dh, 2 * dw):
         q = self_q.float()
@@ -134,8 +135,8 @@ def layer_similarity(
                 acc = acc + F.avg_pool2d(probs.reshape(-1, 1, h, w), 2).reshape(b, -1, dh * dw)
             total += (pseudo[:, start : start + rows] * acc).sum(dim=(1, 2))
         return total / heads
-    full = attention_probs(self_q, self_k, heads, scale, head_mean=True)
-    return (pseudo * resize_self_map(full, hw, dense_hw)[:, ::query_stride]).sum(dim=(1, 2))
+    full = self_map if self_map is not None else attention_probs(self_q, self_k, heads, scale, head_mean=True)
+    return (pseudo * resize_self_map(full.float(), hw, dense_hw)[:, ::query_stride]).sum(dim=(1, 2))
 
 
 def even_query_rows(q: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -232,10 +233,12 @@ def foreground_from_sos(sos: Tensor, threshold: float = 0.5) -> Tensor:
 @dataclass(frozen=True)
 class CrossLayerInputs:
     """One aggregated block for the whole CFG batch (2B first): its head-aggregated cross map (2B, N, T) from
-    `goca_head_aggregate`, its grid, and its attn1 queries/keys (2B, N, C) for the layer similarity."""
+    `goca_head_aggregate`, its grid, and for the layer similarity its attn1 queries/keys (2B, N, C) (queries may be
+    the even rows only) or, for grids coarser than the dense one, its head-mean self map (2B, N, N)."""
 
     attn_cross: Tensor
     hw: tuple[int, int]
+    self_map: Tensor | None = None
     self_q: Tensor | None = None
     self_k: Tensor | None = None
     self_heads: int = 1
@@ -263,7 +266,15 @@ def goca_layer_weights(
     sims = torch.stack(
         [
             layer_similarity(
-                pseudo, x.self_q, x.self_k, x.self_heads, x.self_scale, x.hw, dense_hw, config.layer_query_stride
+                pseudo,
+                x.self_q,
+                x.self_k,
+                x.self_heads,
+                x.self_scale,
+                x.hw,
+                dense_hw,
+                config.layer_query_stride,
+                self_map=x.self_map,
             )
             for x in layers
         ],
