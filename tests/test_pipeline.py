@@ -57,9 +57,11 @@ def test_guidance_scale_at_most_one_segments_nothing(tiny_components_factory):
     assert out.maps == []
 
 
-@pytest.mark.parametrize("segmentor", ["scfg", "goca"])
-def test_segmentor_changes_image_and_returns_maps(tiny_components_factory, segmentor):
-    pipe = _pipe(tiny_components_factory())
+@pytest.mark.parametrize(
+    ("segmentor", "scheduler"), [("scfg", "pndm"), ("goca", "pndm"), ("goca", "ddim"), ("scfg", "dpm++")]
+)
+def test_segmentor_changes_image_and_returns_maps(tiny_components_factory, segmentor, scheduler):
+    pipe = _pipe(tiny_components_factory(scheduler=scheduler))
     plain = pipe(PROMPTS, generator=_gens(2), segmentor=None, **_kwargs(output_type="latent")).images
     out = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **_kwargs(output_type="latent"))
     assert (out.images - plain).abs().max() > 1e-3

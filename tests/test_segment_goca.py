@@ -348,7 +348,7 @@ def test_sd15_shaped_fast_paths():
     g = _gen(9)
     dense = torch.randn(1, 1024, 640, generator=g)
     pseudo = pseudo_self_attention(dense)
-    for hw, c in [((64, 64), 320), ((16, 16), 1280), ((8, 8), 1280)]:
+    for hw, c in [((64, 64), 320), ((32, 32), 640), ((16, 16), 1280), ((8, 8), 1280)]:
         n = hw[0] * hw[1]
         q, k = torch.randn(1, n, c, generator=g), torch.randn(1, n, c, generator=g)
         scale = (c // 8) ** -0.5
