@@ -52,7 +52,7 @@ def build_pipeline(args) -> StableDiffusionSCFGPipeline:
     if args.tiny:
         pipe = StableDiffusionSCFGPipeline(**tiny_components()).to(args.device)
     elif args.model:
-        pipe = StableDiffusionSCFGPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None)
+        pipe = StableDiffusionSCFGPipeline.from_pretrained(args.model, dtype=dtype, safety_checker=None)
         pipe = pipe.to(args.device)
     else:
         pipe = StableDiffusionSCFGPipeline(**sd15_random_components()).to(device=args.device, dtype=dtype)

@@ -292,7 +292,7 @@ class StableDiffusionSCFGPipeline(StableDiffusionPipeline):
         >>> import torch
         >>> from goca_scfg import StableDiffusionSCFGPipeline
         >>> pipe = StableDiffusionSCFGPipeline.from_pretrained(
-        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16
         ... ).to("cuda")  # doctest: +SKIP
         >>> image = pipe("a cat on a red sofa", guidance_scale=7.5).images[0]  # doctest: +SKIP
     """

@@ -175,7 +175,7 @@ def load_pipeline(model: str, torch_dtype: torch.dtype | None = None, device: st
         pipe = tiny_pipeline(torch_dtype=torch_dtype)
     else:
         kwargs.setdefault("safety_checker", None)
-        pipe = StableDiffusionSCFGPipeline.from_pretrained(model, torch_dtype=torch_dtype, **kwargs)
+        pipe = StableDiffusionSCFGPipeline.from_pretrained(model, dtype=torch_dtype, **kwargs)
     if device is not None:
         pipe = pipe.to(device)
     return pipe
