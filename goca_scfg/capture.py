@@ -127,7 +127,8 @@ class Reduce:
     keep: frozenset[str] = frozenset()
 
 
-def _fused_split(module: Attention, out: Tensor, kind: str) -> tuple[Tensor | None, Tensor | None]:
+def _fused_split(out: Tensor, kind: str) -> tuple[Tensor | None, Tensor | None]:
+    """(q, k) from a fused to_qkv output, or (None, k) from a fused to_kv output."""
     if kind == "qkv":
         q, k, _ = out.chunk(3, dim=-1)
         return q, k
@@ -190,8 +191,8 @@ def _install(attn: Attention, slot: LayerTensors, wanted: set[str], reducer: Red
         return hook
 
     def keep_fused(kind: str):
-        def hook(module, _inputs, output):
-            q, k = _fused_split(module, output, kind)
+        def hook(_module, _inputs, output):
+            q, k = _fused_split(output, kind)
             if q is not None and "q" in wanted:
                 slot.q = q
             if "k" in wanted:
@@ -205,21 +206,16 @@ def _install(attn: Attention, slot: LayerTensors, wanted: set[str], reducer: Red
         slot.o = inputs[0]
         _maybe_reduce(slot, wanted, reducer)
 
-    if getattr(attn, "fused_projections", False):
-        fused_self = hasattr(attn, "to_qkv") and attn.is_cross_attention is False
-        if fused_self:
-            if wanted & {"q", "k"}:
-                handles.append(attn.to_qkv.register_forward_hook(keep_fused("qkv")))
-        else:
-            if "q" in wanted:
-                handles.append(attn.to_q.register_forward_hook(keep("q")))
-            if "k" in wanted:
-                handles.append(attn.to_kv.register_forward_hook(keep_fused("kv")))
-    else:
-        if "q" in wanted:
-            handles.append(attn.to_q.register_forward_hook(keep("q")))
-        if "k" in wanted:
-            handles.append(attn.to_k.register_forward_hook(keep("k")))
+    # Hook every projection the processor might use: after `fuse_qkv_projections()` it calls to_qkv (self) or to_q +
+    # to_kv (cross); after unfusing, to_q/to_k again while to_qkv stays on the module. Only the called ones fire.
+    if "q" in wanted:
+        handles.append(attn.to_q.register_forward_hook(keep("q")))
+    if "k" in wanted:
+        handles.append(attn.to_k.register_forward_hook(keep("k")))
+    if wanted & {"q", "k"} and hasattr(attn, "to_qkv"):
+        handles.append(attn.to_qkv.register_forward_hook(keep_fused("qkv")))
+    if "k" in wanted and hasattr(attn, "to_kv"):
+        handles.append(attn.to_kv.register_forward_hook(keep_fused("kv")))
     if "o" in wanted:
         handles.append(attn.to_out[0].register_forward_pre_hook(keep_out_input))
     return handles

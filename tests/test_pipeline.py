@@ -320,3 +320,18 @@ def test_goca_self_layer_reduction_changes_nothing(tiny_components_factory):
 
     for (m1, f1), (m2, f2) in zip(masks_per_step(reduced), masks_per_step(raw)):
         assert torch.equal(m1, m2) and torch.equal(f1, f2)
+
+
+@pytest.mark.parametrize("segmentor", ["scfg", "goca"])
+def test_fused_qkv_projections(tiny_components_factory, segmentor):
+    """`fuse_qkv_projections()` (to_qkv / to_kv) and unfusing again both keep segmentation working."""
+    pipe = _pipe(tiny_components_factory())
+    kw = _kwargs(output_type="latent")
+    plain = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **kw)
+    pipe.fuse_qkv_projections()
+    fused = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **kw)
+    pipe.unfuse_qkv_projections()
+    unfused = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **kw)
+    assert torch.equal(plain.images, unfused.images)
+    torch.testing.assert_close(fused.images, plain.images, atol=1e-5, rtol=0)  # one fused matmul may round differently
+    assert torch.equal(fused.maps[0].labels, plain.maps[0].labels)
