@@ -335,3 +335,29 @@ def test_fused_qkv_projections(tiny_components_factory, segmentor):
     assert torch.equal(plain.images, unfused.images)
     torch.testing.assert_close(fused.images, plain.images, atol=1e-5, rtol=0)  # one fused matmul may round differently
     assert torch.equal(fused.maps[0].labels, plain.maps[0].labels)
+
+
+@pytest.mark.parametrize("segmentor", ["scfg", "goca"])
+def test_sd2_shaped_unet(tiny_components_factory, segmentor):
+    """Per-level head counts, linear projections and v-prediction (SD 2.x's layout) segment as well."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    components = tiny_components_factory()
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=(1, 2, 4, 4),
+        use_linear_projection=True,
+        norm_num_groups=8,
+    ).eval()
+    components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, prediction_type="v_prediction")
+    pipe = _pipe(components)
+    out = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **_kwargs(output_type="latent"))
+    plain = pipe(PROMPTS, generator=_gens(2), segmentor=None, **_kwargs(output_type="latent"))
+    assert torch.isfinite(out.images).all() and (out.images - plain.images).abs().max() > 1e-3
+    assert out.maps[-1].labels.shape == (2, 16, 16)
