@@ -24,6 +24,7 @@ from ..ops import (
     resize_nearest,
     smooth,
     split_cfg,
+    split_heads,
     to_grid,
 )
 
@@ -112,7 +113,7 @@ def layer_similarity(
 
     pseudo: (B, Nd', Nd) from `pseudo_self_attention` with the same `query_stride`; self_q, self_k: (B, N, C) of
     the block's attn1 (self_q may already hold only the even rows). A grid twice the dense grid uses even query rows
-    and 2×2 key pooling (exactly the bilinear/nearest resize, §4.3), one head and one row chunk at a time; other
+    and 2×2 key pooling (exactly the bilinear/nearest resize, §4.3), all heads at once over bounded row chunks; other
     grids use `resize_self_map` on the head-mean map (`self_map` when given, else formed from q and k). Returns (B,).
     """
     b = pseudo.shape[0]
@@ -122,19 +123,15 @@ def layer_similarity(
         if q.shape[1] == h * w:  # full queries: keep the even (y, x) rows
             q = even_query_rows(q, hw)
         q = q[:, ::query_stride]
-        k = self_k.float()
-        d = q.shape[-1] // heads
-        rows = max(1, _CHUNK_ELEMENTS // (b * h * w))  # bound the (B, rows, N) temporaries
+        k = split_heads(self_k.float(), heads)  # (B, H, N, d)
+        q = split_heads(q, heads)  # (B, H, Nd', d)
+        rows = max(1, _CHUNK_ELEMENTS // (b * heads * h * w))  # bound the (B, H, rows, N) temporaries
         total = torch.zeros(b, device=q.device)
-        for start in range(0, q.shape[1], rows):
-            acc = 0
-            for i in range(heads):
-                sl = slice(i * d, (i + 1) * d)
-                logits = q[:, start : start + rows, sl] @ k[..., sl].transpose(1, 2)
-                probs = torch.softmax(logits * scale, dim=-1)  # (B, rows, N)
-                acc = acc + F.avg_pool2d(probs.reshape(-1, 1, h, w), 2).reshape(b, -1, dh * dw)
-            total += (pseudo[:, start : start + rows] * acc).sum(dim=(1, 2))
-        return total / heads
+        for start in range(0, q.shape[2], rows):
+            probs = torch.softmax(q[:, :, start : start + rows] @ k.transpose(-1, -2) * scale, dim=-1)
+            pooled = F.avg_pool2d(probs.reshape(-1, 1, h, w), 2).reshape(b, heads, -1, dh * dw).mean(dim=1)
+            total += (pseudo[:, start : start + rows] * pooled).sum(dim=(1, 2))
+        return total
     full = self_map if self_map is not None else attention_probs(self_q, self_k, heads, scale, head_mean=True)
     return (pseudo * resize_self_map(full.float(), hw, dense_hw)[:, ::query_stride]).sum(dim=(1, 2))
 
@@ -158,12 +155,16 @@ def aggregate_layers(maps: list[Tensor], weights: Tensor, latent_hw: tuple[int, 
     """G = renorm_tokens(relu(Σ_ℓ w_ℓ·bilinear_to_latent(A_ℓ))) (ALGORITHM §2.4 step 6).
 
     maps: per layer (B, T, h, w); weights: (B, L). Returns (B, T, H, W), ≥ 0, summing to 1 over tokens.
+    Layers of one grid are weighted and summed before a single resize (the resize is linear: equal up to rounding).
     Deviation: the token sum is floored at `eps` (unguarded in the released code).
     """
-    total = None
-    for i, a in enumerate(maps):
-        term = resize_bilinear(a.float(), latent_hw) * weights[:, i].view(-1, 1, 1, 1)
-        total = term if total is None else total + term
+    total = 0
+    for hw in dict.fromkeys(tuple(a.shape[-2:]) for a in maps):
+        idx = [i for i, a in enumerate(maps) if tuple(a.shape[-2:]) == hw]
+        group = torch.stack([maps[i].float() for i in idx])  # (G, B, T, h, w)
+        scale = weights[:, idx].float().t().reshape(len(idx), -1, 1, 1, 1)
+        mixed = (group * scale).sum(dim=0)  # element-wise: identical for any batch size
+        total = total + resize_bilinear(mixed, latent_hw)
     total = total.clamp_min(0)
     return total / total.sum(dim=1, keepdim=True).clamp_min(eps)
 

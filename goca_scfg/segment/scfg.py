@@ -76,10 +76,13 @@ def scfg_segment(
     if not maps:
         raise ValueError("S-CFG needs at least one block of maps")
     taps = scfg_blur_taps()
-    tok_acc = pair_acc = None
-    for m in maps:
-        refined = ssgc_refine(m.attn_self.float(), m.attn_cross.float(), config.ssgc)
-        grid = resize_bilinear(to_grid(refined, m.hw), mask_hw)
+    tok_acc = pair_acc = 0
+    for hw in dict.fromkeys(m.hw for m in maps):  # blocks of one grid are processed together (fewer kernels)
+        group = [m for m in maps if m.hw == hw]
+        batch = group[0].attn_self.shape[0]
+        attn_self = torch.cat([m.attn_self.float() for m in group])  # (G·2B, N, N)
+        attn_cross = torch.cat([m.attn_cross.float() for m in group])
+        grid = resize_bilinear(to_grid(ssgc_refine(attn_self, attn_cross, config.ssgc), hw), mask_hw)
         if config.smooth_maps:
             grid = smooth(grid, taps)
         tok = normalize_by_spatial_mean(grid, config.norm_eps)
@@ -87,8 +90,8 @@ def scfg_segment(
         # Deviation: the released code divides the pair by its mean with no epsilon (§5.5); the floor only
         # matters for an all-zero map, which softmax probabilities never give.
         pair = pair / pair.mean(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        tok_acc = tok if tok_acc is None else tok_acc + tok
-        pair_acc = pair if pair_acc is None else pair_acc + pair
+        tok_acc = tok_acc + tok.view(len(group), batch, *tok.shape[1:]).sum(0)
+        pair_acc = pair_acc + pair.view(len(group), batch, *pair.shape[1:]).sum(0)
     tok_acc, pair_acc = tok_acc / len(maps), pair_acc / len(maps)
     _, tok_cond = split_cfg(tok_acc)
     pair_uncond, _ = split_cfg(pair_acc)
