@@ -68,11 +68,6 @@ def locate_attention_layers(unet: nn.Module) -> list[AttentionLayer]:
     return [replace(layer, order=i) for i, (_, layer) in enumerate(found)]
 
 
-def has_cross_attention(unet: nn.Module) -> bool:
-    """Whether the UNet has text cross-attention layers (required by every segmentor)."""
-    return any(layer.kind == "cross" for layer in locate_attention_layers(unet))
-
-
 @dataclass
 class LayerTensors:
     """What one watched attention layer recorded in the latest UNet call.

@@ -101,13 +101,13 @@ class SpatialGuidance:
         stop_ids: Tensor,
         return_maps: bool,
     ) -> None:
-        self.segmentor, self.scfg_config, self.goca_config = segmentor, scfg_config, goca_config
-        self.guidance_scale, self.latent_hw, self.tokens, self.return_maps = (
-            guidance_scale,
-            latent_hw,
-            tokens,
-            return_maps,
-        )
+        self.segmentor = segmentor
+        self.scfg_config = scfg_config
+        self.goca_config = goca_config
+        self.guidance_scale = guidance_scale
+        self.latent_hw = latent_hw
+        self.tokens = tokens
+        self.return_maps = return_maps
         self.maps: list[SCFGStepMaps] = []
         self._layer_weights: Tensor | None = None
         layers = locate_attention_layers(unet)
