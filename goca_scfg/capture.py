@@ -43,7 +43,7 @@ def locate_attention_layers(unet: nn.Module) -> list[AttentionLayer]:
     """All attn1/attn2 modules of the UNet's transformer blocks, in call order, with their grid factor.
 
     Factors come from the structure (down level i → 2^i, mid → deepest, up level j mirrors), so layers can be
-    chosen before the first call; the pipeline checks them against the real token counts at run time.
+    chosen before the first call; the grid of every recorded map is taken from its real token count at run time.
     """
     n_down = len(getattr(unet, "down_blocks", []))
     n_up = len(getattr(unet, "up_blocks", []))
