@@ -227,27 +227,38 @@ class SpatialGuidance:
     def _hw(self, t: Tensor) -> tuple[int, int]:
         return grid_shape(t.shape[1], self.latent_hw)
 
+    def _reduced(self, record: AttentionRecord, name: str) -> Tensor:
+        """This plan's reduction of a layer: made now from the raw tensors when the record kept them all (a
+        capture without reducers, or shared by several plans), else the one made inside the forward pass."""
+        slot = record[name]
+        if all(getattr(slot, f) is not None for f in self.requests[name]):
+            return self.reducers[name].fn(slot)
+        if slot.reduced is None:
+            raise RuntimeError(f"layer {name!r} was recorded without the fields this plan needs")
+        return slot.reduced
+
     def _scfg_masks(self, record: AttentionRecord) -> tuple[Tensor, Tensor]:
         pairs = []
         for s, c in self.scfg_blocks:
-            attn_cross = record[c.name].reduced
-            pairs.append(SCFGMapPair(record[s.name].reduced, attn_cross, self._hw(attn_cross)))
+            attn_cross = self._reduced(record, c.name)
+            pairs.append(SCFGMapPair(self._reduced(record, s.name), attn_cross, self._hw(attn_cross)))
         return scfg_segment(pairs, pairs[0].hw, self.latent_hw, self.scfg_config)
 
     def _goca_masks(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
         cfg = self.goca_config
         inputs = []
         for x in self.goca_cross:
-            rc = record[x.name]
+            attn_cross = self._reduced(record, x.name)
             name = self.goca_self_of[x.name]
             rs = record[name] if cfg.layer == "similarity" else None
             mode = self.self_mode.get(name, "raw")
+            reduced = self._reduced(record, name) if mode != "raw" else None
             inputs.append(
                 CrossLayerInputs(
-                    attn_cross=rc.reduced,
-                    hw=self._hw(rc.reduced),
-                    self_map=rs.reduced if mode == "map" else None,
-                    self_q=rs.reduced if mode == "even" else (rs.q if rs else None),
+                    attn_cross=attn_cross,
+                    hw=self._hw(attn_cross),
+                    self_map=reduced if mode == "map" else None,
+                    self_q=reduced if mode == "even" else (rs.q if rs else None),
                     self_k=rs.k if rs else None,
                     self_heads=rs.heads if rs else 1,
                     self_scale=rs.scale if rs else 1.0,

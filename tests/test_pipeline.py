@@ -243,37 +243,23 @@ def test_spatial_guidance_segments_any_recorded_step(tiny_components_factory, se
     pipe = _pipe(tiny_components_factory())
     guided = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **_kwargs())
     plan = pipe.spatial_guidance(segmentor, PROMPTS, 128, 128)
-    seen = {}
 
-    def on_step(p, i, t, kwargs):
-        if i == 0:
-            seen["masks"], seen["fg"] = plan.masks(i, record)
-        return {}
+    def first_step_masks(reducers):
+        seen = {}
 
-    with capture_attention(pipe.unet, plan.requests, plan.reducers) as record:
-        pipe(PROMPTS, generator=_gens(2), segmentor=None, callback_on_step_end=on_step, **_kwargs())
-    assert torch.equal(seen["masks"].argmax(1), guided.maps[0].labels)
-    assert torch.equal(seen["fg"][:, 0].bool(), guided.maps[0].foreground)
+        def on_step(p, i, t, kwargs):
+            if i == 0:
+                seen["masks"], seen["fg"] = plan.masks(i, record)
+            return {}
 
+        with capture_attention(pipe.unet, plan.requests, reducers) as record:
+            pipe(PROMPTS, generator=_gens(2), segmentor=None, callback_on_step_end=on_step, **_kwargs())
+        return seen
 
-def _attach_random_ip_adapter(unet, embed_dim=16, seed=0):
-    """A random IP-Adapter (image projection + per-cross-layer to_k_ip/to_v_ip) loaded through diffusers' loader."""
-    g = torch.Generator().manual_seed(seed)
-    cross = unet.config.cross_attention_dim
-    image_proj = {
-        "proj.weight": torch.randn(cross * 4, embed_dim, generator=g) * 0.2,
-        "proj.bias": torch.zeros(cross * 4),
-        "norm.weight": torch.ones(cross),
-        "norm.bias": torch.zeros(cross),
-    }
-    modules, ip, key = dict(unet.named_modules()), {}, 1
-    for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
-            hidden = modules[name[: -len(".processor")]].to_k.out_features
-            ip[f"{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.2
-            ip[f"{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.2
-            key += 2
-    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip}], low_cpu_mem_usage=False)
+    reduced, raw = first_step_masks(plan.reducers), first_step_masks(None)  # raw: the plan reduces on demand
+    assert torch.equal(reduced["masks"].argmax(1), guided.maps[0].labels)
+    assert torch.equal(reduced["fg"][:, 0].bool(), guided.maps[0].foreground)
+    assert torch.equal(raw["masks"], reduced["masks"]) and torch.equal(raw["fg"], reduced["fg"])
 
 
 @pytest.mark.parametrize("segmentor", ["scfg", "goca"])

@@ -44,8 +44,11 @@ def test_main_command_runs(tiny_model_dir, tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
-def test_python_example_runs(tiny_model_dir, tmp_path, monkeypatch):
+def test_python_examples_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Every Python block, in order, in one namespace (later blocks reuse `pipe`)."""
     monkeypatch.chdir(tmp_path)
-    code = _blocks("python")[0].replace(SD15, tiny_model_dir)
-    exec(compile(code, "README.md", "exec"), {})
+    namespace = {}
+    for code in _blocks("python"):
+        exec(compile(code.replace(SD15, tiny_model_dir), "README.md", "exec"), namespace)
     assert (tmp_path / "corgi.png").exists()
+    assert len(namespace["labels"]["goca"]) == len(namespace["pipe"].scheduler.timesteps)
