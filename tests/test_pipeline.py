@@ -262,6 +262,26 @@ def test_spatial_guidance_segments_any_recorded_step(tiny_components_factory, se
     assert torch.equal(raw["masks"], reduced["masks"]) and torch.equal(raw["fg"], reduced["fg"])
 
 
+def _attach_random_ip_adapter(unet, embed_dim=16, seed=0):
+    """A random IP-Adapter (image projection + per-cross-layer to_k_ip/to_v_ip) loaded through diffusers' loader."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": torch.randn(cross * 4, embed_dim, generator=g) * 0.2,
+        "proj.bias": torch.zeros(cross * 4),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    modules, ip, key = dict(unet.named_modules()), {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = modules[name[: -len(".processor")]].to_k.out_features
+            ip[f"{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.2
+            ip[f"{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.2
+            key += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip}], low_cpu_mem_usage=False)
+
+
 @pytest.mark.parametrize("segmentor", ["scfg", "goca"])
 def test_ip_adapter_processors_keep_working(tiny_components_factory, segmentor):
     """IP-Adapter processors stay in place and in effect; the segmentor sees the 77 text keys only."""
