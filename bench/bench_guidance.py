@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from goca_scfg import AttentionRecord, GoCAConfig, StableDiffusionSCFGPipeline, capture_attention
-from goca_scfg.testing import make_scheduler, sd15_random_components, tiny_components
+from goca_scfg.testing import sd15_random_components, swap_scheduler, tiny_components
 
 METHODS = {
     "cfg": dict(segmentor=None),
@@ -56,8 +56,7 @@ def build_pipeline(args) -> StableDiffusionSCFGPipeline:
         pipe = pipe.to(args.device)
     else:
         pipe = StableDiffusionSCFGPipeline(**sd15_random_components()).to(device=args.device, dtype=dtype)
-    if args.scheduler != "pndm":
-        pipe.scheduler = make_scheduler(args.scheduler)
+    swap_scheduler(pipe, args.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="real weights (hub id or path); default: random SD v1.5")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    parser.add_argument("--scheduler", choices=["pndm", "ddim", "dpm++"], default="pndm")
+    parser.add_argument("--scheduler", choices=["default", "pndm", "ddim", "dpm++"], default="default")
     parser.add_argument("--cases", default="512b1,512b8,1024b1", help="comma list of SIZE[xW]bBATCH")
     parser.add_argument("--methods", default="cfg,scfg,goca,goca-fast")
     parser.add_argument("--steps", type=int, default=50)

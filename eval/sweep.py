@@ -31,7 +31,7 @@ import torch
 
 from goca_scfg import GoCAConfig, SCFGConfig
 from goca_scfg.config import describe
-from goca_scfg.testing import SD15_MODEL_ID, load_pipeline
+from goca_scfg.testing import SD15_MODEL_ID, load_pipeline, native_size, swap_scheduler
 
 from . import io
 from .captions import DEFAULT_CAPTIONS, Caption, format_captions, load_captions, select_captions
@@ -332,39 +332,23 @@ def prepare_output(plan: SweepPlan, device: torch.device, write: bool) -> dict[s
 # ---------------------------------------------------------------- generation
 
 
-def _configure_scheduler(pipe: Any, name: SchedulerName) -> None:
-    """Swap the scheduler, keeping the model's noise schedule (`from_config` of its own scheduler)."""
-    if name == "default":
-        return
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
-
-    config = pipe.scheduler.config
-    if name == "pndm":
-        pipe.scheduler = PNDMScheduler.from_config(config, skip_prk_steps=True)
-    elif name == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=False)
-    else:  # ALGORITHM §1.6: the official S-CFG demo scheduler
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, solver_order=2, algorithm_type="dpmsolver++")
-
-
 def load_sweep_pipeline(settings: GenerationSettings, device: torch.device) -> Any:
     """The pipeline for `settings` on `device`, scheduler swapped and progress bars off."""
     dtype = _DTYPES[resolve_dtype(settings.dtype, device)]
     pipe = load_pipeline(settings.model, torch_dtype=None if dtype == torch.float32 else dtype, device=str(device))
-    _configure_scheduler(pipe, settings.scheduler)
+    swap_scheduler(pipe, settings.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def resolve_settings(settings: GenerationSettings, pipe: Any, device: torch.device) -> GenerationSettings:
     """Settings with the dtype and the image size made explicit (as recorded in the manifest)."""
-    sample = pipe.unet.config.sample_size
-    native = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    native = native_size(pipe)
     return dataclasses.replace(
         settings,
         dtype=resolve_dtype(settings.dtype, device),
-        height=settings.height or native[0] * pipe.vae_scale_factor,
-        width=settings.width or native[1] * pipe.vae_scale_factor,
+        height=settings.height or native[0],
+        width=settings.width or native[1],
     )
 
 

@@ -33,28 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _set_scheduler(pipe, name: str) -> None:
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
-
-    if name == "default":
-        return
-    classes = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
-    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpm++" else {}
-    pipe.scheduler = classes[name].from_config(pipe.scheduler.config, **extra)
-
-
 def generate(args: argparse.Namespace) -> None:
-    from .testing import load_pipeline
+    from .testing import load_pipeline, native_size, swap_scheduler
     from .viz import save_step_maps
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     pipe = load_pipeline(args.model, torch_dtype=dtype, device=device)
-    _set_scheduler(pipe, args.scheduler)
-    size = pipe.unet.config.sample_size
-    default_h, default_w = (size, size) if isinstance(size, int) else size
-    height = args.height or default_h * pipe.vae_scale_factor
-    width = args.width or default_w * pipe.vae_scale_factor
+    swap_scheduler(pipe, args.scheduler)
+    default_h, default_w = native_size(pipe)
+    height, width = args.height or default_h, args.width or default_w
     segmentor = {"none": None, "goca-vanilla": "goca"}.get(args.segmentor, args.segmentor)
     goca_config = GoCAConfig.vanilla() if args.segmentor == "goca-vanilla" else GoCAConfig()
     out = pipe(

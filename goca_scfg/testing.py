@@ -156,6 +156,31 @@ def make_scheduler(name: str = "pndm"):
     raise ValueError(f"unknown scheduler {name!r}; expected 'pndm', 'ddim' or 'dpm++'")
 
 
+def swap_scheduler(pipe, name: str) -> None:
+    """Replace `pipe.scheduler` by "pndm", "ddim" or "dpm++" (DPM-Solver++ 2M, the official S-CFG demo's, ALGORITHM
+    §1.6), keeping the model's own noise schedule (`from_config`); "default" keeps the model's scheduler."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    config = pipe.scheduler.config
+    if name == "default":
+        return
+    if name == "pndm":
+        pipe.scheduler = PNDMScheduler.from_config(config, skip_prk_steps=True)
+    elif name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=False)
+    elif name in ("dpm++", "dpmsolver++"):
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, solver_order=2, algorithm_type="dpmsolver++")
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; expected 'default', 'pndm', 'ddim' or 'dpm++'")
+
+
+def native_size(pipe) -> tuple[int, int]:
+    """The pipeline's default (height, width) in pixels: the UNet's sample size times the VAE factor."""
+    sample = pipe.unet.config.sample_size
+    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
+
+
 def tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dtype | None = None):
     """A `StableDiffusionSCFGPipeline` over `tiny_components(seed)`."""
     from .pipeline import StableDiffusionSCFGPipeline
