@@ -8,7 +8,11 @@ from PIL import Image
 from .pipeline import SCFGStepMaps
 
 
-def _clean_token(token: str) -> str:
+def token_label(tokens: list[str], index: int) -> str:
+    """A readable name for prompt position `index`: the word, `<sos>`, `<eos>` (first end token) or `<pad N>`."""
+    token = tokens[index]
+    if token == "<|endoftext|>" and index > tokens.index("<|endoftext|>"):
+        return f"<pad {index}>"
     return token.replace("</w>", "").replace("<|startoftext|>", "<sos>").replace("<|endoftext|>", "<eos>")
 
 
@@ -37,7 +41,7 @@ def plot_step_maps(image: Image.Image, maps: SCFGStepMaps, index: int = 0):
     axes[1].set_title("regions (winning token)")
     names = maps.tokens[index] if maps.tokens is not None else None
     handles = [
-        Patch(color=colour_of[int(t)], label=_clean_token(names[int(t)]) if names else f"token {int(t)}")
+        Patch(color=colour_of[int(t)], label=token_label(names, int(t)) if names else f"token {int(t)}")
         for t in present
     ]
     axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(0, -0.02), ncol=3, fontsize=7, frameon=False)

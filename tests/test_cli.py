@@ -22,3 +22,10 @@ def test_maps_without_segmentation_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         main(argv + ["--out", str(tmp_path / "a.png"), "--maps", str(tmp_path / "m.png")])
     assert (tmp_path / "a.png").exists() and not (tmp_path / "m.png").exists()
+
+
+def test_token_labels_name_pads_apart_from_eos():
+    from goca_scfg.viz import token_label
+
+    tokens = ["<|startoftext|>", "red</w>", "dog</w>", "<|endoftext|>", "<|endoftext|>"]
+    assert [token_label(tokens, i) for i in range(5)] == ["<sos>", "red", "dog", "<eos>", "<pad 4>"]
