@@ -52,3 +52,24 @@ def test_python_examples_run(tiny_model_dir, tmp_path, monkeypatch):
         exec(compile(code.replace(SD15, tiny_model_dir), "README.md", "exec"), namespace)
     assert (tmp_path / "corgi.png").exists()
     assert len(namespace["labels"]["goca"]) == len(namespace["pipe"].scheduler.timesteps)
+
+
+def test_evaluation_commands_parse_and_name_the_stats_file():
+    """The README's `python -m eval.*` lines use flags the CLIs accept, and the stats file name is the one made."""
+    import shlex
+
+    from eval import metrics, sweep
+    from eval.fid import FIDProtocol, stats_file_name
+
+    lines = [
+        line.split("#")[0].strip()
+        for line in README.splitlines()
+        if line.strip().startswith("python -m eval.") and not line.strip().startswith("python -m eval.report")
+    ]
+    assert len(lines) >= 3
+    for line in lines:
+        module, *argv = shlex.split(line)[2:]
+        parser = {"eval.sweep": sweep.build_parser, "eval.metrics": metrics.build_parser}[module]()
+        parser.parse_args(argv)
+    expected = stats_file_name("coco-val2014", FIDProtocol("clean"), FIDProtocol("clean").network, 30000)
+    assert expected in README
