@@ -50,7 +50,7 @@ def test_python_examples_run(tiny_model_dir, tmp_path, monkeypatch):
     namespace = {}
     for code in _blocks("python"):
         exec(compile(code.replace(SD15, tiny_model_dir), "README.md", "exec"), namespace)
-    assert (tmp_path / "corgi.png").exists()
+    assert (tmp_path / "corgi.png").exists() and (tmp_path / "corgi_maps.png").exists()
     assert len(namespace["labels"]["goca"]) == len(namespace["pipe"].scheduler.timesteps)
 
 
