@@ -66,13 +66,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(pipe, case: Case, method: str, steps: int, device: str) -> tuple[float, float | None]:
-    """Seconds for one call and peak device memory (GiB; None on CPU)."""
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    start = time.perf_counter()
+def _generate(pipe, case: Case, steps: int, **kwargs) -> None:
+    """One latent-output call at the case's size and batch, one seeded generator per image."""
     pipe(
         [PROMPT] * case.batch,
         height=case.height,
@@ -81,8 +76,18 @@ def run_once(pipe, case: Case, method: str, steps: int, device: str) -> tuple[fl
         guidance_scale=7.5,
         generator=[torch.Generator().manual_seed(i) for i in range(case.batch)],
         output_type="latent",
-        **METHODS[method],
+        **kwargs,
     )
+
+
+def run_once(pipe, case: Case, method: str, steps: int, device: str) -> tuple[float, float | None]:
+    """Seconds for one call and peak device memory (GiB; None on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    _generate(pipe, case, steps, **METHODS[method])
     _sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
@@ -147,15 +152,7 @@ def capture_bytes(pipe, case: Case, method: str) -> int:
     )
     held = []
     with capture_attention(pipe.unet, plan.requests, plan.reducers) as record:
-        pipe(
-            prompts,
-            height=case.height,
-            width=case.width,
-            num_inference_steps=1,
-            segmentor=None,
-            output_type="latent",
-            callback_on_step_end=lambda *_: held.append(record.nbytes()) or {},
-        )
+        _generate(pipe, case, 1, segmentor=None, callback_on_step_end=lambda *_: held.append(record.nbytes()) or {})
     return max(held)
 
 
@@ -195,16 +192,7 @@ def label_agreement(pipe, case: Case, args) -> dict[str, list[float]]:
 
     # all plans record the same layers with the same reducers (fast mode changes no head aggregation)
     with capture_attention(pipe.unet, plans["exact"].requests, plans["exact"].reducers) as record:
-        pipe(
-            prompts,
-            height=case.height,
-            width=case.width,
-            num_inference_steps=args.agreement_steps,
-            generator=[torch.Generator().manual_seed(i) for i in range(case.batch)],
-            segmentor=None,
-            output_type="latent",
-            callback_on_step_end=on_step,
-        )
+        _generate(pipe, case, args.agreement_steps, segmentor=None, callback_on_step_end=on_step)
     return agreement
 
 

@@ -51,6 +51,7 @@ from .segment.scfg import SCFGMapPair, scfg_segment
 from .tokens import STOP_WORDS, caption_token_mask, content_token_mask, live_token_mask
 
 DEFAULT_SEGMENTOR = "goca"
+_HEAD_MEAN = Reduce(lambda t: t.probs(head_mean=True))  # keep a layer's head-mean map only
 
 
 @dataclass
@@ -139,11 +140,10 @@ class SpatialGuidance:
                 raise ValueError(f"SCFGConfig.ratios has {ratio}, but this UNet has cross-attention at {factors}")
             self.scfg_blocks += [(sibling(layers, x, "self"), x) for x in cross]
         self.requests, self.reducers = {}, {}
-        head_mean = Reduce(lambda t: t.probs(head_mean=True))  # only head-mean maps are kept (§1.2)
-        for s, c in self.scfg_blocks:
+        for s, c in self.scfg_blocks:  # only head-mean maps are kept (§1.2)
             for layer in (s, c):
                 self.requests[layer.name] = {"q", "k"}
-                self.reducers[layer.name] = head_mean
+                self.reducers[layer.name] = _HEAD_MEAN
 
     def _plan_goca(self, layers: list[AttentionLayer]) -> None:
         cfg = self.goca_config
@@ -151,6 +151,7 @@ class SpatialGuidance:
             self.goca_cross = [x for x in layers if x.kind == "cross"]
         else:
             self.goca_cross = resolve_blocks(layers, cfg.cross_layers, "cross")
+        similarity = cfg.layer == "similarity"
         dense_block = cfg.dense_layer or default_dense_block(layers)
         self.goca_dense = resolve_blocks(layers, (dense_block,), "cross")[0]
         self_blocks = cfg.self_layers if cfg.self_layers is not None else default_self_blocks(layers)
@@ -159,38 +160,37 @@ class SpatialGuidance:
             raise ValueError(
                 f"GoCAConfig.self_layers must be at latent resolution, got {[x.block for x in self.goca_prop]}"
             )
+        self_of = {x.name: sibling(layers, x, "self") for x in self.goca_cross}
+        self.goca_self_of = {name: s.name for name, s in self_of.items()}
         req: dict[str, set[str]] = {}
         for x in self.goca_cross:
             req.setdefault(x.name, set()).update({"q", "k", "o"})
-            if cfg.layer == "similarity":
-                req.setdefault(sibling(layers, x, "self").name, set()).update({"q", "k"})
-        if cfg.layer == "similarity":
+            if similarity:
+                req.setdefault(self_of[x.name].name, set()).update({"q", "k"})
+        if similarity:
             req.setdefault(self.goca_dense.name, set()).add("q")
         for x in self.goca_prop:
             req.setdefault(x.name, set()).update({"q", "k"})
-        self.goca_self_of = {x.name: sibling(layers, x, "self").name for x in self.goca_cross}
         self.requests = req
 
         def heads(t):  # §2.3 inside the forward pass: only A_ℓ (2B, N, T) is kept of each cross layer
             return goca_head_aggregate(t.probs(), t.o, t.w_out, cfg)
 
-        dense_keep = frozenset({"q"}) if cfg.layer == "similarity" else frozenset()
+        dense_name = self.goca_dense.name if similarity else None
         self.reducers = {
-            x.name: Reduce(heads, dense_keep if x.name == self.goca_dense.name else frozenset())
-            for x in self.goca_cross
+            x.name: Reduce(heads, frozenset({"q"}) if x.name == dense_name else frozenset()) for x in self.goca_cross
         }
         # Self layers that only feed the similarity keep only what it reads (§4.3): a coarser grid its head-mean
         # map, a grid twice the dense one its even query rows (and all keys). Propagation layers keep q and k.
         self.self_mode: dict[str, str] = {}
-        if cfg.layer == "similarity":
+        if similarity:
             prop_names = {x.name for x in self.goca_prop}
-            for x in self.goca_cross:
-                s = sibling(layers, x, "self")
+            for s in self_of.values():
                 if s.name in prop_names:
                     continue
                 if s.factor > self.goca_dense.factor:
                     self.self_mode[s.name] = "map"
-                    self.reducers[s.name] = Reduce(lambda t: t.probs(head_mean=True))
+                    self.reducers[s.name] = _HEAD_MEAN
                 elif 2 * s.factor == self.goca_dense.factor:
                     grid = (self.latent_hw[0] // s.factor, self.latent_hw[1] // s.factor)
                     self.self_mode[s.name] = "even"
