@@ -2,13 +2,20 @@
 
 from .capture import AttentionRecord, capture_attention, locate_attention_layers
 from .config import GoCAConfig, SCFGConfig
-from .pipeline import SCFGStepMaps, SpatialGuidance, StableDiffusionSCFGPipeline, StableDiffusionSCFGPipelineOutput
+from .pipeline import (
+    SCFGStepMaps,
+    SCFGStepRates,
+    SpatialGuidance,
+    StableDiffusionSCFGPipeline,
+    StableDiffusionSCFGPipelineOutput,
+)
 
 __all__ = [
     "AttentionRecord",
     "GoCAConfig",
     "SCFGConfig",
     "SCFGStepMaps",
+    "SCFGStepRates",
     "SpatialGuidance",
     "StableDiffusionSCFGPipeline",
     "StableDiffusionSCFGPipelineOutput",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -72,10 +72,34 @@ class SCFGStepMaps:
 
 
 @dataclass
+class SCFGStepRates:
+    """The guidance strength one denoising step applied, per image (cheap: kept on every segmenting call).
+
+    guidance_scale: the nominal w used at this step; mean: (B,) mean rate r over all latent pixels; fg_mean: (B,)
+    mean r over the foreground (NaN where the foreground is empty). The effective scale of a step is w·mean.
+    """
+
+    step: int
+    timestep: int
+    guidance_scale: float
+    mean: Tensor
+    fg_mean: Tensor
+
+
+@dataclass
 class StableDiffusionSCFGPipelineOutput(StableDiffusionPipelineOutput):
-    """diffusers' output plus `maps`: one `SCFGStepMaps` per denoising-loop iteration when `return_maps=True`."""
+    """diffusers' output plus `maps` (one `SCFGStepMaps` per denoising-loop iteration when `return_maps=True`) and
+    `rates` (one `SCFGStepRates` per iteration whenever a segmentor ran; None for plain CFG)."""
 
     maps: list[SCFGStepMaps] | None = None
+    rates: list[SCFGStepRates] | None = None
+
+
+def step_rates(step: int, timestep: Any, guidance_scale: float, rate: Tensor, fg: Tensor) -> SCFGStepRates:
+    """Mean applied rate over all pixels and over the foreground, per image (kept on the device until read)."""
+    fg = fg.float()
+    fg_mean = (rate * fg).sum(dim=(1, 2, 3)) / fg.sum(dim=(1, 2, 3))  # 0/0 = NaN for an empty foreground
+    return SCFGStepRates(step, int(timestep), float(guidance_scale), rate.mean(dim=(1, 2, 3)), fg_mean)
 
 
 class SpatialGuidance:
@@ -110,6 +134,7 @@ class SpatialGuidance:
         self.tokens = tokens
         self.return_maps = return_maps
         self.maps: list[SCFGStepMaps] = []
+        self.rates: list[SCFGStepRates] = []
         self._layer_weights: Tensor | None = None
         layers = locate_attention_layers(unet)
         if not any(x.kind == "cross" for x in layers):
@@ -203,6 +228,7 @@ class SpatialGuidance:
         with record_function("goca_scfg::rate"):
             rate = rate_map(eps_cond - eps_uncond, masks, fg, self.guidance_scale, self.scfg_config)
         record.clear()
+        self.rates.append(step_rates(step, timestep, self.guidance_scale, rate, fg))
         if self.return_maps:
             self.maps.append(
                 SCFGStepMaps(
@@ -553,7 +579,12 @@ class StableDiffusionSCFGPipeline(StableDiffusionPipeline):
         if not return_dict:
             return (image, has_nsfw_concept, maps) if return_maps else (image, has_nsfw_concept)  # [S-CFG]
 
-        return StableDiffusionSCFGPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, maps=maps)
+        rates = (
+            [replace(r, mean=r.mean.cpu(), fg_mean=r.fg_mean.cpu()) for r in guide.rates] if guide else None
+        )  # [S-CFG]
+        return StableDiffusionSCFGPipelineOutput(  # [S-CFG]
+            images=image, nsfw_content_detected=has_nsfw_concept, maps=maps, rates=rates
+        )
 
     def spatial_guidance(
         self,
