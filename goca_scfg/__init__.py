@@ -1,25 +1,28 @@
 """goca-scfg: GoCA and S-CFG spatially adaptive classifier-free guidance as a diffusers pipeline."""
 
-from .capture import AttentionRecord, capture_attention, locate_attention_layers
+from .capture import AttentionRecord, capture_attention
 from .config import GoCAConfig, SCFGConfig
-from .pipeline import (
-    SCFGStepMaps,
-    SCFGStepRates,
-    SpatialGuidance,
-    StableDiffusionSCFGPipeline,
-    StableDiffusionSCFGPipelineOutput,
-)
+from .guidance import SCFGStepMaps, SCFGStepRates, SpatialGuidance
+from .layout import AttentionLayer, ModelLayout
+from .pipeline import StableDiffusionSCFGPipeline, StableDiffusionSCFGPipelineOutput
+from .segment import CapturePlan, GoCASegmentor, SCFGSegmentor, SegmentationContext, Segmentor
 
 __all__ = [
+    "AttentionLayer",
     "AttentionRecord",
+    "CapturePlan",
     "GoCAConfig",
+    "GoCASegmentor",
+    "ModelLayout",
     "SCFGConfig",
+    "SCFGSegmentor",
     "SCFGStepMaps",
     "SCFGStepRates",
+    "SegmentationContext",
+    "Segmentor",
     "SpatialGuidance",
     "StableDiffusionSCFGPipeline",
     "StableDiffusionSCFGPipelineOutput",
     "capture_attention",
-    "locate_attention_layers",
 ]
 __version__ = "0.1.0"

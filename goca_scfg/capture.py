@@ -1,4 +1,4 @@
-"""Attention capture: which layers are watched and what one UNet call records.
+"""Attention capture: what one denoiser call records of the watched attention layers.
 
 Forward hooks on `to_q`, `to_k` and the input of `to_out[0]` record the raw ingredients (queries, keys, per-head
 outputs) of the watched layers only. No attention processor is replaced, so every layer keeps its fused kernel
@@ -10,62 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
-from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
+from .layout import is_attention, unwrap
 from .ops import attention_probs
 
 Field = Literal["q", "k", "o"]
 _ACTIVE = "_goca_scfg_capture_active"
-
-
-@dataclass(frozen=True)
-class AttentionLayer:
-    """One attention module of a transformer block, located in the UNet's structure.
-
-    name: qualified module name (`…transformer_blocks.0.attn2`); block: its transformer block's name;
-    kind: "self" (attn1) or "cross" (attn2); factor: downsampling of its grid relative to the latent;
-    position: "down" | "mid" | "up"; order: call order within the UNet forward.
-    """
-
-    name: str
-    block: str
-    kind: Literal["self", "cross"]
-    factor: int
-    position: Literal["down", "mid", "up"]
-    order: int
-
-
-def locate_attention_layers(unet: nn.Module) -> list[AttentionLayer]:
-    """All attn1/attn2 modules of the UNet's transformer blocks, in call order, with their grid factor.
-
-    Factors come from the structure (down level i → 2^i, mid → deepest, up level j mirrors), so layers can be
-    chosen before the first call; the grid of every recorded map is taken from its real token count at run time.
-    """
-    n_down = len(getattr(unet, "down_blocks", []))
-    n_up = len(getattr(unet, "up_blocks", []))
-    found: list[tuple[tuple[int, int], AttentionLayer]] = []
-    for name, module in unet.named_modules():
-        if not isinstance(module, Attention) or not name.endswith((".attn1", ".attn2")):
-            continue
-        block = name.rsplit(".", 1)[0]
-        kind: Literal["self", "cross"] = "self" if name.endswith("attn1") else "cross"
-        if block.startswith("down_blocks."):
-            level, position, rank = int(block.split(".")[1]), "down", 0
-        elif block.startswith("mid_block."):
-            level, position, rank = n_down - 1, "mid", 1
-        elif block.startswith("up_blocks."):
-            level, position, rank = n_up - 1 - int(block.split(".")[1]), "up", 2
-        else:
-            continue
-        # call order: down path from fine to coarse, mid, up path from coarse to fine
-        sort_key = (rank, level if position != "up" else -level)
-        found.append((sort_key, AttentionLayer(name, block, kind, 2**level, position, order=0)))
-    found.sort(key=lambda x: x[0])  # stable: keeps module order within a level
-    return [replace(layer, order=i) for i, (_, layer) in enumerate(found)]
 
 
 @dataclass
@@ -144,6 +98,7 @@ def capture_attention(
     reducers = reducers or {}
     if getattr(unet, _ACTIVE, False):
         raise RuntimeError("attention capture is already active on this UNet (nested capture is not supported)")
+    unet = unwrap(unet)  # a torch.compile'd model: hook the wrapped modules, by their own names
     modules = dict(unet.named_modules())
     record = AttentionRecord()
     handles = []
@@ -151,7 +106,7 @@ def capture_attention(
         setattr(unet, _ACTIVE, True)
         for name, wanted in requests.items():
             attn = modules.get(name)
-            if not isinstance(attn, Attention):
+            if attn is None or not is_attention(attn):
                 raise ValueError(f"{name!r} is not an attention module of this UNet")
             if not set(wanted) <= {"q", "k", "o"}:
                 raise ValueError(f"unknown capture fields {set(wanted) - {'q', 'k', 'o'}} for {name!r}")
@@ -175,7 +130,7 @@ def _maybe_reduce(slot: LayerTensors, wanted: set[str], reducer: Reduce | None) 
         setattr(slot, f, None)
 
 
-def _install(attn: Attention, slot: LayerTensors, wanted: set[str], reducer: Reduce | None = None) -> list:
+def _install(attn: nn.Module, slot: LayerTensors, wanted: set[str], reducer: Reduce | None = None) -> list:
     handles = []
 
     def keep(attr: str):
@@ -216,46 +171,4 @@ def _install(attn: Attention, slot: LayerTensors, wanted: set[str], reducer: Red
     return handles
 
 
-def resolve_blocks(layers: list[AttentionLayer], names: tuple[str, ...], kind: str) -> list[AttentionLayer]:
-    """The `kind` layers whose block or module name starts with one of `names` (config names such as
-    `up_blocks.2.attentions.1`); raises naming what exists when a name matches nothing."""
-    picked = []
-    for prefix in names:
-        hits = [
-            layer
-            for layer in layers
-            if layer.kind == kind and (layer.block == prefix or layer.block.startswith(prefix + "."))
-        ]
-        if not hits:
-            available = sorted({layer.block for layer in layers})
-            raise ValueError(f"layer {prefix!r} matches no {kind}-attention block; available: {available}")
-        picked += [h for h in hits if h not in picked]
-    return sorted(picked, key=lambda x: x.order)
-
-
-def default_dense_block(layers: list[AttentionLayer]) -> str:
-    """GoCA's dense feature block (ALGORITHM §2.4): the 2nd up-path block at latent/2 (SD v1.5:
-    `up_blocks.2.attentions.1`), or the last up block at latent/2 if that level has a single one."""
-    ups = [x for x in layers if x.kind == "cross" and x.position == "up" and x.factor == 2]
-    if not ups:
-        raise ValueError("this UNet has no up-path cross-attention at latent/2; set GoCAConfig.dense_layer")
-    return ups[min(1, len(ups) - 1)].block
-
-
-def default_self_blocks(layers: list[AttentionLayer]) -> tuple[str, ...]:
-    """GoCA's propagation blocks (ALGORITHM §2.6): the first two up-path and the second down-path self-attention
-    blocks at latent resolution (SD v1.5: up_blocks.3.attentions.{0,1}, down_blocks.0.attentions.1)."""
-    full = [x for x in layers if x.kind == "self" and x.factor == 1]
-    ups = [x.block for x in full if x.position == "up"][:2]
-    downs = [x.block for x in full if x.position == "down"][1:2]
-    if not ups and not downs:
-        raise ValueError("this UNet has no self-attention at latent resolution; set GoCAConfig.self_layers")
-    return tuple(ups + downs)
-
-
-def sibling(layers: list[AttentionLayer], layer: AttentionLayer, kind: str) -> AttentionLayer:
-    """The attn1 (kind="self") or attn2 (kind="cross") module of the same transformer block."""
-    for x in layers:
-        if x.block == layer.block and x.kind == kind:
-            return x
-    raise ValueError(f"block {layer.block!r} has no {kind}-attention module")
+HEAD_MEAN = Reduce(lambda t: t.probs(head_mean=True))  # keep only a layer's head-mean map (2B, N, M)

@@ -15,8 +15,6 @@ LayerMethod = Literal["similarity", "average"]
 RescaleMethod = Literal["sum1", "none"]
 TokenSet = Literal["caption", "content"]
 
-_SEGMENTORS = ("scfg", "goca")
-
 
 def _check_choice(obj: object, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(obj, name)
@@ -67,8 +65,9 @@ class SCFGConfig:
 class GoCAConfig:
     """GoCA segmentation inside S-CFG (ALGORITHM §2); `GoCAConfig()` is the released `config_model_15.py`.
 
-    Layer names are diffusers block prefixes (`up_blocks.2.attentions.1`); `None` resolves them from the UNet's
-    structure so that any SD-v1.x/2.x-shaped UNet works (`capture.resolve_goca_layers`).
+    Layer names are diffusers module or block prefixes (`up_blocks.2.attentions.1`,
+    `…attentions.0.transformer_blocks.1`); `None` takes the authors' choice for a recognised architecture or a
+    documented rule for any other denoiser (`segment.goca.goca_layers`, algorithm.md §8).
     Fast-mode switches (`layer_refresh`, `layer_query_stride`) trade exactness for speed; both off by default.
     """
 
@@ -76,7 +75,7 @@ class GoCAConfig:
     layer: LayerMethod = "similarity"  # cfg15 L27 'dot-product similarity'; vanilla 'vanilla' (cfg15v L30)
     rescale: RescaleMethod = "sum1"  # cfg15 L38 'sum-1 rescaling + per-token renorm+'; vanilla L35
     tokens: TokenSet = "caption"  # u15 L318-321: all caption tokens; "content": paper Eq. 11 (no stop words)
-    propagation_order: int = 2  # cfg15 L74-79 postprocess order
+    propagation_order: int | None = None  # None: the model's (SD v1.5/SDXL: 2, cfg15 L74-79, cfg_xl L152-157)
     dense_layer: str | None = None  # cfg15 L43: up_blocks.2.attentions.1 (attn2 query) in SD v1.5
     self_layers: tuple[str, ...] | None = (
         None  # cfg15 L65-72: up_blocks.3.attentions.{0,1}, down_blocks.0.attentions.1
@@ -96,12 +95,14 @@ class GoCAConfig:
         _check_choice(self, "tokens", ("caption", "content"))
         for name in ("propagation_order", "layer_refresh", "layer_query_stride"):
             value = getattr(self, name)
+            if value is None and name == "propagation_order":
+                continue
             if int(value) != value or value < (0 if name == "propagation_order" else 1):
                 raise ValueError(f"GoCAConfig.{name}={value!r} must be a whole number >= 1 (order: >= 0)")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError(f"GoCAConfig.blur_kernel={self.blur_kernel} must be odd and positive")
-        if self.self_layers is not None and not self.self_layers and self.propagation_order:
-            raise ValueError("GoCAConfig.self_layers is empty but propagation_order > 0")
+        if self.self_layers is not None and not self.self_layers and self.propagation_order != 0:
+            raise ValueError("GoCAConfig.self_layers is empty but propagation is on (set propagation_order=0)")
         if self.cross_layers is not None and not self.cross_layers:
             raise ValueError("GoCAConfig.cross_layers must name at least one block")
 
@@ -130,16 +131,9 @@ class GoCAConfig:
         return self.layer_refresh == 1 and self.layer_query_stride == 1
 
 
-def check_segmentor(segmentor: str | None) -> str | None:
-    """Validate the pipeline's `segmentor` argument."""
-    if segmentor is None or segmentor in _SEGMENTORS:
-        return segmentor
-    raise ValueError(f"unknown segmentor {segmentor!r}; expected one of {_SEGMENTORS} or None (plain CFG)")
-
-
 def describe(config: SCFGConfig | GoCAConfig) -> dict:
     """Plain-dict view of a config, for manifests."""
     return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
-__all__ = ["SCFGConfig", "GoCAConfig", "check_segmentor", "describe", "replace"]
+__all__ = ["SCFGConfig", "GoCAConfig", "describe", "replace"]

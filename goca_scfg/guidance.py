@@ -1,14 +1,21 @@
 """Per-region guidance of S-CFG (ALGORITHM §1.4): region norms of Δ, the rate map, clamp/cap/smooth, and
-ε̂ = ε_u + w·r⊙Δ. Shared by every segmentor; pure torch, fp32 maths.
+ε̂ = ε_u + w·r⊙Δ, and `SpatialGuidance`, the per-step wiring of a segmentor to them that every SCFG pipeline uses.
+Pure torch, fp32 maths.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Any
+
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
+from .capture import AttentionRecord
 from .config import SCFGConfig
 from .ops import scfg_blur_taps, smooth
+from .segment.base import SegmentationContext, Segmentor
 
 
 def guidance_norm(delta: Tensor) -> Tensor:
@@ -53,3 +60,115 @@ def combine_guidance(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float
     """
     delta = eps_cond - eps_uncond
     return eps_uncond + guidance_scale * (rate.to(delta.dtype) * delta)
+
+
+# ----------------------------------------------------------------------------------------------- per step
+
+
+@dataclass
+class SCFGStepMaps:
+    """What the segmentor decided at one denoising step, for every image of the batch (CPU tensors).
+
+    labels: (B, h, w) long, the winning token index per latent pixel (first index on ties); foreground: (B, h, w)
+    bool; rate: (B, h, w) float, the guidance rate r applied at that pixel; tokens: per image, the prompt's token
+    strings (None when only `prompt_embeds` were given), so `tokens[b][labels[b, y, x]]` names a region.
+    """
+
+    step: int
+    timestep: int
+    labels: Tensor
+    foreground: Tensor
+    rate: Tensor
+    tokens: list[list[str]] | None
+
+
+@dataclass
+class SCFGStepRates:
+    """The guidance strength one denoising step applied, per image (cheap: kept on every segmenting call).
+
+    guidance_scale: the nominal w used at this step; mean: (B,) mean rate r over all latent pixels; fg_mean: (B,)
+    mean r over the foreground (NaN where the foreground is empty). The effective scale of a step is w·mean.
+    """
+
+    step: int
+    timestep: int
+    guidance_scale: float
+    mean: Tensor
+    fg_mean: Tensor
+
+
+def step_rates(step: int, timestep: Any, guidance_scale: float, rate: Tensor, fg: Tensor) -> SCFGStepRates:
+    """Mean applied rate over all pixels and over the foreground, per image (kept on the device until read)."""
+    fg = fg.float()
+    fg_mean = (rate * fg).sum(dim=(1, 2, 3)) / fg.sum(dim=(1, 2, 3))  # 0/0 = NaN for an empty foreground
+    return SCFGStepRates(step, int(timestep), float(guidance_scale), rate.mean(dim=(1, 2, 3)), fg_mean)
+
+
+class SpatialGuidance:
+    """One call's segmentation and per-step guidance: `requests`/`reducers` for `capture_attention`,
+    `masks(step, record)` → (masks, fg), and `__call__` → ε̂ = ε_u + w·r⊙Δ, keeping maps and rates.
+
+    Built by the SCFG pipelines' `spatial_guidance`; usable on its own to segment any step of a run (e.g. to
+    compare two configs on the same maps). Stages run under `torch.profiler.record_function` labels `goca_scfg::*`.
+    """
+
+    def __init__(
+        self,
+        segmentor: Segmentor,
+        context: SegmentationContext,
+        rate_config: SCFGConfig,
+        return_maps: bool = False,
+    ) -> None:
+        self.segmentor = segmentor
+        self.plan = segmentor.start(context)
+        self.rate_config = rate_config
+        self.tokens = context.tokens.strings if context.tokens is not None else None
+        self.return_maps = return_maps
+        self.maps: list[SCFGStepMaps] = []
+        self.rates: list[SCFGStepRates] = []
+
+    @property
+    def requests(self) -> dict:
+        return self.plan.requests
+
+    @property
+    def reducers(self) -> dict:
+        return self.plan.reducers
+
+    def masks(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
+        """Region masks (B, T, H, W) and foreground (B, 1, H, W) at latent size from one denoiser call's record."""
+        return self.segmentor.segment(step, record)
+
+    def __call__(
+        self,
+        step: int,
+        timestep: Any,
+        record: AttentionRecord,
+        eps_uncond: Tensor,
+        eps_cond: Tensor,
+        guidance_scale: float,
+    ) -> Tensor:
+        """ε̂ for this step from the maps of the denoiser call that produced (ε_u, ε_c), at scale w = `guidance_scale`
+        (read from the pipeline every step, so step-end callbacks may change it)."""
+        masks, fg = self.masks(step, record)
+        with record_function("goca_scfg::rate"):
+            rate = rate_map(eps_cond - eps_uncond, masks, fg, guidance_scale, self.rate_config)
+        record.clear()
+        self.rates.append(step_rates(step, timestep, guidance_scale, rate, fg))
+        if self.return_maps:
+            self.maps.append(
+                SCFGStepMaps(
+                    step=step,
+                    timestep=int(timestep),
+                    labels=masks.argmax(dim=1).cpu(),
+                    foreground=fg[:, 0].bool().cpu(),
+                    rate=rate[:, 0].cpu(),
+                    tokens=self.tokens,
+                )
+            )
+        with record_function("goca_scfg::combine"):
+            return combine_guidance(eps_uncond, eps_cond, guidance_scale, rate)
+
+    def step_rates(self) -> list[SCFGStepRates]:
+        """The rates of every step so far, moved to the CPU."""
+        return [replace(r, mean=r.mean.cpu(), fg_mean=r.fg_mean.cpu()) for r in self.rates]

@@ -6,6 +6,8 @@ the first position and the first end-of-text id, which holds whether padding use
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -32,13 +34,13 @@ def caption_token_mask(input_ids: Tensor, eos_id: int) -> Tensor:
     return (pos >= 1) & (pos < first_eos.unsqueeze(1).to(pos.device))
 
 
-def content_token_mask(input_ids: Tensor, caption: Tensor, stop_ids: Tensor) -> Tensor:
+def content_token_mask(caption: Tensor, stop: Tensor) -> Tensor:
     """Content positions for the paper's Eq. 11: caption tokens minus stop words and punctuation.
 
-    caption: (B, T) bool from `caption_token_mask`; stop_ids: 1-D ids to exclude.
+    caption: (B, T) bool from `caption_token_mask`; stop: (B, T) bool, the stop-word positions.
     Deviation: a prompt whose caption is only stop words falls back to all its caption tokens.
     """
-    content = caption & ~torch.isin(input_ids, stop_ids.to(input_ids.device))
+    content = caption & ~stop
     empty = ~content.any(dim=1, keepdim=True)
     return torch.where(empty, caption, content)
 
@@ -48,3 +50,49 @@ def live_token_mask(caption: Tensor) -> Tensor:
     live = caption.clone()
     live[:, 0] = True
     return live
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Token classes of the cond prompts of one call, one row per generated image (algorithm.md §2.5, §2.7).
+
+    ids: (B, T) padded ids as the text encoder saw them; strings: the T token strings per row (to name regions);
+    caption: (B, T) bool, the caption positions J; stop: (B, T) bool, stop words and punctuation inside J (for
+    the paper's content-token variant); live: (B, T) bool, positions that may win a region (the global token and
+    the caption; pads and end tokens are out); global_index: (B,) long, the position of the global token whose
+    uncond map gives the foreground (`<sos>` = 0 for CLIP).
+    """
+
+    ids: Tensor
+    strings: list[list[str]]
+    caption: Tensor
+    stop: Tensor
+    live: Tensor
+    global_index: Tensor
+
+    def content(self) -> Tensor:
+        """The caption minus stop words (paper Eq. 11), all of the caption where that would leave nothing."""
+        return content_token_mask(self.caption, self.stop)
+
+    def max_live(self) -> int:
+        """One past the last live position of the batch: later channels are zero in every mask (exact pruning)."""
+        pos = torch.arange(self.live.shape[1], device=self.live.device)
+        return int((pos * self.live).amax()) + 1
+
+
+def clip_prompt_tokens(tokenizer, prompts: list[str], num_images_per_prompt: int = 1) -> PromptTokens:
+    """`PromptTokens` of CLIP-tokenized prompts (padded to the tokenizer's length, truncated as the encoder does)."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.repeat_interleave(num_images_per_prompt, dim=0)
+    caption = caption_token_mask(ids, tokenizer.eos_token_id)
+    words = tokenizer(list(STOP_WORDS), add_special_tokens=False).input_ids
+    stop_ids = torch.tensor(sorted({i for w in words for i in w}), dtype=torch.long)
+    return PromptTokens(
+        ids=ids,
+        strings=[tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids],
+        caption=caption,
+        stop=caption & torch.isin(ids, stop_ids),
+        live=live_token_mask(caption),
+        global_index=torch.zeros(ids.shape[0], dtype=torch.long),
+    )

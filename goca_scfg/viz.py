@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .pipeline import SCFGStepMaps
+from .guidance import SCFGStepMaps
 
 
 def token_label(tokens: list[str], index: int) -> str:

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from goca_scfg.capture import capture_attention, default_dense_block, default_self_blocks, locate_attention_layers
+from goca_scfg.capture import capture_attention
+from goca_scfg.layout import ModelLayout
+from goca_scfg.segment.goca import default_dense_block, default_self_blocks
 
 
 @pytest.fixture()
@@ -17,7 +19,7 @@ def _inputs(batch=2, seed=0):
 
 
 def _all_requests(unet):
-    return {x.name: {"q", "k", "o"} for x in locate_attention_layers(unet)}
+    return {x.name: {"q", "k", "o"} for x in ModelLayout.of(unet).layers}
 
 
 def _hook_counts(unet):
@@ -25,13 +27,13 @@ def _hook_counts(unet):
 
 
 def test_layers_located_like_sd15(unet):
-    layers = locate_attention_layers(unet)
+    layers = ModelLayout.of(unet).layers
     cross = [x for x in layers if x.kind == "cross"]
     assert len(layers) == 32 and len(cross) == 16
     assert [x.factor for x in cross] == [1, 1, 2, 2, 4, 4, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1]  # call order (§0.1)
     assert cross[6].block.startswith("mid_block")
-    assert default_dense_block(layers) == "up_blocks.2.attentions.1.transformer_blocks.0"
-    assert default_self_blocks(layers) == (
+    assert default_dense_block(ModelLayout.of(unet)) == "up_blocks.2.attentions.1.transformer_blocks.0"
+    assert default_self_blocks(ModelLayout.of(unet)) == (
         "up_blocks.3.attentions.0.transformer_blocks.0",
         "up_blocks.3.attentions.1.transformer_blocks.0",
         "down_blocks.0.attentions.1.transformer_blocks.0",
@@ -42,7 +44,7 @@ def test_captured_maps_equal_explicit_softmax(unet):
     """Probabilities from the recorded q/k equal diffusers' explicit `get_attention_scores` on the layer's inputs."""
     seen = {}
     modules = dict(unet.named_modules())
-    names = [x.name for x in locate_attention_layers(unet)]
+    names = [x.name for x in ModelLayout.of(unet).layers]
 
     def pre(name):
         def hook(module, args, kwargs):
@@ -98,7 +100,7 @@ def test_capture_keeps_outputs_and_processors_and_always_unhooks(unet):
 def test_capture_rejects_unknown_layers(unet):
     with pytest.raises(ValueError, match="not an attention module"), capture_attention(unet, {"nope": {"q"}}):
         pass
-    name = locate_attention_layers(unet)[0].name
+    name = ModelLayout.of(unet).layers[0].name
     with pytest.raises(ValueError, match="unknown capture fields"), capture_attention(unet, {name: {"v"}}):
         pass
 
@@ -108,7 +110,7 @@ def test_capture_sees_lora_projections(unet):
     from peft import LoraConfig
 
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k"], init_lora_weights=False))
-    name = [x.name for x in locate_attention_layers(unet) if x.kind == "cross"][0]
+    name = [x.name for x in ModelLayout.of(unet).layers if x.kind == "cross"][0]
     attn = dict(unet.named_modules())[name]
     seen = {}
 
@@ -130,7 +132,7 @@ def test_reducers_keep_only_their_result(unet):
     """A `Reduce` runs inside the forward pass: the record holds its result (and `keep`), not the raw tensors."""
     from goca_scfg.capture import Reduce
 
-    cross = [x.name for x in locate_attention_layers(unet) if x.kind == "cross"][:2]
+    cross = [x.name for x in ModelLayout.of(unet).layers if x.kind == "cross"][:2]
     requests = {n: {"q", "k", "o"} for n in cross}
     x = _inputs()
     with torch.no_grad(), capture_attention(unet, requests) as raw:

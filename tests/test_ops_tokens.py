@@ -6,7 +6,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from goca_scfg.ops import gaussian_taps, grid_shape, minmax_per_token, smooth
 from goca_scfg.testing import clip_tokenizer
-from goca_scfg.tokens import caption_token_mask, content_token_mask, live_token_mask
+from goca_scfg.tokens import caption_token_mask, clip_prompt_tokens, content_token_mask, live_token_mask
 
 
 def test_five_tap_blur_matches_torchvision():
@@ -59,9 +59,13 @@ def test_token_classes_from_real_tokenizer():
     live = live_token_mask(caption)
     assert live[:, 0].all() and live[0].sum() == n0 + 1
     stop = torch.tensor(tok(["a", ",", "."], add_special_tokens=False).input_ids).flatten()
-    content = content_token_mask(ids, caption, stop)
+    content = content_token_mask(caption, torch.isin(ids, stop))
     words = tok.convert_ids_to_tokens(ids[0][content[0]].tolist())
     assert words == ["red</w>", "dog</w>", "running</w>"]
     only_stop = tok(["a ,"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     cap = caption_token_mask(only_stop, tok.eos_token_id)
-    assert torch.equal(content_token_mask(only_stop, cap, stop), cap)
+    assert torch.equal(content_token_mask(cap, torch.isin(only_stop, stop)), cap)
+    classes = clip_prompt_tokens(tok, prompts[:1], num_images_per_prompt=2)  # the pipeline's builder agrees
+    assert torch.equal(classes.caption, caption[:1].repeat(2, 1)) and torch.equal(classes.live, live[:1].repeat(2, 1))
+    assert tok.convert_ids_to_tokens(classes.ids[0][classes.content()[0]].tolist()) == words
+    assert classes.max_live() == n0 + 1 and classes.global_index.tolist() == [0, 0]

@@ -158,8 +158,8 @@ def test_bad_inputs_raise(tiny_components_factory):
         prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], segmentor="scfg", return_maps=True, **_kwargs()
     )
     assert out.maps[0].tokens is None
-    with pytest.raises(ValueError, match="ratios has 16"):
-        pipe(PROMPTS[0], segmentor="scfg", scfg_config=SCFGConfig(ratios=(4, 16)), **_kwargs())
+    far = pipe.spatial_guidance("scfg", PROMPTS, 128, 128, scfg_config=SCFGConfig(ratios=(4, 16)))
+    assert far.requests == pipe.spatial_guidance("scfg", PROMPTS, 128, 128).requests  # 16 → the closest grid, 8
     with pytest.raises(ValueError, match="matches no self-attention block"):
         pipe(PROMPTS[0], segmentor="goca", goca_config=GoCAConfig(self_layers=("up_blocks.9",)), **_kwargs())
 
@@ -309,10 +309,11 @@ def test_goca_self_layer_reduction_changes_nothing(tiny_components_factory):
 
     pipe = _pipe(tiny_components_factory())
     reduced = pipe.spatial_guidance("goca", PROMPTS, 128, 128)
-    assert set(reduced.self_mode.values()) == {"map", "even"}
+    assert set(reduced.segmentor.self_mode.values()) == {"map", "even"}
     raw = pipe.spatial_guidance("goca", PROMPTS, 128, 128)
-    raw.self_mode = {}
-    raw.reducers = {k: v for k, v in raw.reducers.items() if k.endswith("attn2")}
+    raw.segmentor.self_mode = {}
+    raw.plan.reducers.clear()
+    raw.plan.reducers.update({k: v for k, v in reduced.reducers.items() if k.endswith("attn2")})
 
     def masks_per_step(plan):
         seen = []

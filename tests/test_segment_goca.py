@@ -94,8 +94,8 @@ def test_layer_similarity_equals_full_4d_resize(hw, dense):
         assert torch.equal(
             layer_similarity(pseudo, even, k, 3, 0.5, hw, dense), layer_similarity(pseudo, q, k, 3, 0.5, hw, dense)
         )
-    else:  # or, for other grids, the head-mean map
-        assert torch.equal(
+    else:  # or, for other grids, the head-mean map (the dense grid itself is chunked from q/k: equal up to rounding)
+        torch.testing.assert_close(
             layer_similarity(pseudo, None, None, 3, 0.5, hw, dense, self_map=full),
             layer_similarity(pseudo, q, k, 3, 0.5, hw, dense),
         )

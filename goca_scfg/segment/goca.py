@@ -1,7 +1,8 @@
 """GoCA segmentation inside S-CFG (ALGORITHM §2): head-wise and layer-wise auto aggregation of the cross maps,
 per-pixel rescaling over the caption tokens, self-attention propagation, region masks and the `<sos>` foreground.
 
-Pure tensor functions in fp32; `goca_segment` wires them over one UNet call. Every sample of the batch is segmented
+Pure tensor functions in fp32; `goca_segment` wires them over one UNet call, `goca_layers` picks the layers of a
+model layout and `GoCASegmentor` runs it at every denoising step. Every sample of the batch is segmented
 from its own prompt (the released code handles batch 1 only). Exact shortcuts of ALGORITHM §4.3 are used: head
 weights without a per-head (H, N, C) stack, the pseudo self-attention once per call, even query rows + 2×2 key
 pooling for latent-resolution self maps, and S·X as fused attention with the maps as values.
@@ -9,16 +10,21 @@ pooling for latent-resolution self maps, and S·X as fused attention with the ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
+from ..capture import HEAD_MEAN, AttentionRecord, Field, Reduce
 from ..config import GoCAConfig
+from ..layout import AttentionLayer, ModelLayout
 from ..ops import (
     attention_probs,
     gaussian_taps,
+    grid_shape,
     minmax_per_token,
     resize_bilinear,
     resize_nearest,
@@ -27,6 +33,7 @@ from ..ops import (
     split_heads,
     to_grid,
 )
+from .base import CapturePlan, SegmentationContext, Segmentor
 
 _CHUNK_ELEMENTS = 2**25  # fp32 elements (128 MiB) per temporary in the chunked similarity
 
@@ -112,15 +119,17 @@ def layer_similarity(
     """s_ℓ = Σ_{p,k} P(p,k)·T̃_ℓ(p,k) per sample (ALGORITHM §2.4 steps 2–4), without N×N maps at latent size.
 
     pseudo: (B, Nd', Nd) from `pseudo_self_attention` with the same `query_stride`; self_q, self_k: (B, N, C) of
-    the block's attn1 (self_q may already hold only the even rows). A grid twice the dense grid uses even query rows
-    and 2×2 key pooling (exactly the bilinear/nearest resize, §4.3), all heads at once over bounded row chunks; other
-    grids use `resize_self_map` on the head-mean map (`self_map` when given, else formed from q and k). Returns (B,).
+    the block's attn1 (self_q may already hold only the even rows). The dense grid itself (no resize) and a grid
+    twice as fine (even query rows and 2×2 key pooling: exactly the bilinear/nearest resize, §4.3) run all heads at
+    once over bounded row chunks; other grids use `resize_self_map` on the head-mean map (`self_map` when given,
+    else formed from q and k). Returns (B,).
     """
     b = pseudo.shape[0]
     (h, w), (dh, dw) = hw, dense_hw
-    if (h, w) == (2 * dh, 2 * dw):
+    if self_map is None and (h, w) in ((dh, dw), (2 * dh, 2 * dw)):
+        pool = h // dh
         q = self_q.float()
-        if q.shape[1] == h * w:  # full queries: keep the even (y, x) rows
+        if pool == 2 and q.shape[1] == h * w:  # full queries: keep the even (y, x) rows
             q = even_query_rows(q, hw)
         q = q[:, ::query_stride]
         k = split_heads(self_k.float(), heads)  # (B, H, N, d)
@@ -129,8 +138,9 @@ def layer_similarity(
         total = torch.zeros(b, device=q.device)
         for start in range(0, q.shape[2], rows):
             probs = torch.softmax(q[:, :, start : start + rows] @ k.transpose(-1, -2) * scale, dim=-1)
-            pooled = F.avg_pool2d(probs.reshape(-1, 1, h, w), 2).reshape(b, heads, -1, dh * dw).mean(dim=1)
-            total += (pseudo[:, start : start + rows] * pooled).sum(dim=(1, 2))
+            if pool == 2:
+                probs = F.avg_pool2d(probs.reshape(-1, 1, h, w), 2).reshape(b, heads, -1, dh * dw)
+            total += (pseudo[:, start : start + rows] * probs.mean(dim=1)).sum(dim=(1, 2))
         return total
     full = self_map if self_map is not None else attention_probs(self_q, self_k, heads, scale, head_mean=True)
     return (pseudo * resize_self_map(full.float(), hw, dense_hw)[:, ::query_stride]).sum(dim=(1, 2))
@@ -253,12 +263,14 @@ class CrossLayerInputs:
 
 @dataclass(frozen=True)
 class PropagationInputs:
-    """Cond-half queries and keys (B, N, C) of the propagation blocks at latent resolution (ALGORITHM §2.6)."""
+    """Cond-half queries and keys (B, N, C) of the propagation blocks at the segmentation grid, and the order
+    (ALGORITHM §2.6; 0 turns propagation off)."""
 
     queries: list[Tensor]
     keys: list[Tensor]
     heads: list[int]
     scales: list[float]
+    order: int = 2  # SD v1.5's (cfg15 L74-79)
 
 
 def goca_layer_weights(
@@ -304,30 +316,238 @@ def goca_segment(
     live_tokens: Tensor,
     config: GoCAConfig,
 ) -> tuple[Tensor, Tensor]:
-    """Masks from G (ALGORITHM §2.5–2.7, pseudocode §2.8): rescale + renorm the cond half, propagate both halves
+    """Masks from G (algorithm.md §2.5–2.7, pseudocode §2.8): rescale + renorm the cond half, propagate both halves
     with the cond S, pads out, argmax regions and the uncond `<sos>` foreground.
 
     agg: (2B, T, H, W) from `goca_aggregate`; rescale_tokens / live_tokens: (B, T) bool of the cond prompts.
-    Returns masks (B, T, H, W) and fg (B, 1, H, W). Only channel 0 of the uncond half is propagated (exact: every
-    later step is per channel).
+    Returns masks (B, T, H, W) and fg (B, 1, H, W). Exact pruning (every later step is per channel): only the
+    channels up to the batch's last live token, and channel 0 of the uncond half, are processed; the rest are the
+    zeros the pad zeroing would make of them.
     """
     taps = gaussian_taps(config.blur_kernel, config.blur_sigma)
+    t = agg.shape[1]
+    live_until = int((torch.arange(t, device=live_tokens.device) * live_tokens).amax()) + 1
     g_neg, g_pos = split_cfg(agg)
+    g_pos = g_pos[:, :live_until]
     if config.rescale == "sum1":
-        g_pos = rescale_sum_one(g_pos, rescale_tokens, config.eps)
+        g_pos = rescale_sum_one(g_pos, rescale_tokens[:, :live_until], config.eps)
     pos = renorm_per_token(g_pos, taps, config.eps)
-    t = pos.shape[1]
     both = torch.cat([pos, g_neg[:, :1]], dim=1)
-    if config.propagation_order:
+    if propagation.order:
         both = propagate_self_attention(
-            both,
-            propagation.queries,
-            propagation.keys,
-            propagation.heads,
-            propagation.scales,
-            config.propagation_order,
+            both, propagation.queries, propagation.keys, propagation.heads, propagation.scales, propagation.order
         )
     both = minmax_per_token(both, config.eps)
-    pos, sos = both[:, :t], both[:, t:]
+    pos, sos = both[:, :live_until], both[:, live_until:]
     sos = renorm_per_token(sos, taps, config.eps)
+    pos = F.pad(pos, (0, 0, 0, 0, 0, t - live_until))  # the pruned channels: zero, as the pad zeroing makes them
     return goca_region_masks(pos, live_tokens), foreground_from_sos(sos, config.fg_threshold)
+
+
+# ----------------------------------------------------------------------------------------------- layers, §8
+
+
+@dataclass(frozen=True)
+class GoCAPreset:
+    """The authors' GoCA layers for one published architecture (algorithm.md §8): cross blocks (None: all), the
+    dense block whose attn2 query is the similarity's reference, the propagation blocks and order."""
+
+    cross: tuple[str, ...] | None
+    dense: str
+    self_blocks: tuple[str, ...]
+    order: int
+
+
+# Architectures the authors configured, recognised by their attention structure (`ModelLayout.signature`).
+_SDXL_SIGNATURE = (
+    (("down", 2, 2),) * 2 + (("down", 4, 10),) * 2 + (("mid", 4, 10),) + (("up", 4, 10),) * 3 + (("up", 2, 2),) * 3
+)
+GOCA_PRESETS: list[tuple[Callable[[ModelLayout], bool], GoCAPreset]] = [
+    (  # GoCA src-main/configs/config-model/config_model_xl.py L47-135 (cross, ref), L138-149 (self), L152-157
+        lambda layout: layout.arch == "unet" and layout.signature() == _SDXL_SIGNATURE,
+        GoCAPreset(
+            cross=None,
+            dense="up_blocks.1.attentions.0.transformer_blocks.0",
+            self_blocks=(
+                "up_blocks.1.attentions.0.transformer_blocks.0",
+                "up_blocks.1.attentions.0.transformer_blocks.1",
+                "up_blocks.1.attentions.1.transformer_blocks.0",
+                "up_blocks.1.attentions.1.transformer_blocks.1",
+                "up_blocks.1.attentions.2.transformer_blocks.0",
+                "down_blocks.1.attentions.0.transformer_blocks.0",
+                "down_blocks.1.attentions.0.transformer_blocks.1",
+            ),
+            order=2,
+        ),
+    ),
+]
+
+
+def default_dense_block(layout: ModelLayout) -> str:
+    """GoCA's dense feature block by the SD v1.5 rule (algorithm.md §2.4, §8.2): the 2nd up-path cross block at
+    latent/2 (SD v1.5: `up_blocks.2.attentions.1`), the last one where that grid has one; without latent/2
+    cross-attention, the same at the finest up-path cross grid."""
+    ups = [x for x in layout.of_kind("cross") if x.position == "up"]
+    if not ups:
+        raise ValueError("this denoiser has no up-path cross-attention; set GoCAConfig.dense_layer")
+    factor = 2 if any(x.factor == 2 for x in ups) else min(x.factor for x in ups)
+    at = [x for x in ups if x.factor == factor]
+    return at[min(1, len(at) - 1)].block
+
+
+def default_self_blocks(layout: ModelLayout) -> tuple[str, ...]:
+    """GoCA's propagation blocks by the SD v1.5 rule (algorithm.md §2.6, §8.2): at the finest grid with
+    self-attention, the first two up-path and the second down-path blocks (SD v1.5: up_blocks.3.attentions.{0,1},
+    down_blocks.0.attentions.1), or what of them exists."""
+    selfs = layout.of_kind("self")
+    if not selfs:
+        raise ValueError("this denoiser has no self-attention; set GoCAConfig.propagation_order=0")
+    finest = [x for x in selfs if x.factor == min(x.factor for x in selfs)]
+    ups = [x.block for x in finest if x.position == "up"][:2]
+    downs = [x.block for x in finest if x.position == "down"][1:2]
+    return tuple(ups + downs) or (finest[0].block,)
+
+
+@dataclass(frozen=True)
+class GoCALayers:
+    """The layers one GoCA call reads: cross blocks, the dense (reference-query) cross layer, the propagation self
+    layers, the order, and the segmentation grid factor (latent / factor; the propagation layers' grid)."""
+
+    cross: list[AttentionLayer]
+    dense: AttentionLayer
+    propagation: list[AttentionLayer]
+    order: int
+    factor: int
+
+
+def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
+    """Resolve a config against a layout (algorithm.md §8): explicit config names first, then the authors' preset
+    for a recognised architecture, then the SD v1.5 rules."""
+    if not layout.of_kind("cross"):
+        raise ValueError("segmentor needs a denoiser with text cross-attention; this one has none")
+    preset = next((p for match, p in GOCA_PRESETS if match(layout)), None)
+    cross_names = config.cross_layers or (preset.cross if preset else None)
+    cross = layout.resolve(cross_names, "cross") if cross_names else layout.of_kind("cross")
+    dense_name = config.dense_layer or (preset.dense if preset else default_dense_block(layout))
+    dense = layout.resolve((dense_name,), "cross")[0]
+    order = config.propagation_order if config.propagation_order is not None else (preset.order if preset else 2)
+    self_names = config.self_layers or (preset.self_blocks if preset else None)
+    if self_names is None:
+        self_names = default_self_blocks(layout)
+    selfs = layout.resolve(self_names, "self")
+    factors = sorted({x.factor for x in selfs})
+    if len(factors) > 1:
+        raise ValueError(f"GoCA's propagation blocks must share one grid; got factors {factors} for {self_names}")
+    return GoCALayers(cross, dense, selfs if order else [], order, factors[0])
+
+
+class GoCASegmentor(Segmentor):
+    """GoCA segmentation (CVPR 2026) at every step: auto head/layer aggregation, rescaling, propagation, masks at
+    the propagation grid brought to latent size by nearest (algorithm.md §2, §8)."""
+
+    name = "goca"
+
+    def __init__(self, config: GoCAConfig | None = None) -> None:
+        self.config = config or GoCAConfig()
+
+    def start(self, context: SegmentationContext) -> CapturePlan:
+        if context.tokens is None:
+            raise ValueError(
+                "segmentor='goca' needs the prompt text to find its caption tokens; pass `prompt` "
+                "(not only `prompt_embeds`) or use segmentor='scfg' or None"
+            )
+        cfg = self.config
+        self.latent_hw = context.latent_hw
+        self.layers = goca_layers(context.layout, cfg)
+        f = self.layers.factor
+        self.seg_hw = (-(-self.latent_hw[0] // f), -(-self.latent_hw[1] // f))
+        tokens = context.tokens
+        self.rescale_tokens = tokens.content() if cfg.tokens == "content" else tokens.caption
+        self.live_tokens = tokens.live
+        self._layer_weights: Tensor | None = None
+        layout = context.layout
+        self.self_of = {x.name: layout.sibling(x, "self").name for x in self.layers.cross}
+        self.plan = CapturePlan(*self._requests(layout))
+        return self.plan
+
+    def _requests(self, layout: ModelLayout) -> tuple[dict[str, set[Field]], dict[str, Reduce]]:
+        """Fields per layer and their in-forward reductions: A_ℓ of each cross layer (§2.3), and for self layers
+        that only feed the similarity the least it reads (§4.3): a coarser grid's head-mean map, a grid twice the
+        dense one's even query rows; propagation layers and the dense grid's own self layers keep q and k."""
+        cfg, layers = self.config, self.layers
+        similarity = cfg.layer == "similarity"
+        req: dict[str, set[Field]] = {}
+        for x in layers.cross:
+            req.setdefault(x.name, set()).update({"q", "k", "o"})
+            if similarity:
+                req.setdefault(self.self_of[x.name], set()).update({"q", "k"})
+        if similarity:
+            req.setdefault(layers.dense.name, set()).add("q")
+        for x in layers.propagation:
+            req.setdefault(x.name, set()).update({"q", "k"})
+
+        def heads(t):  # §2.3 inside the forward pass: only A_ℓ (2B, N, T) is kept of each cross layer
+            return goca_head_aggregate(t.probs(), t.o, t.w_out, cfg)
+
+        dense_name = layers.dense.name if similarity else None
+        reducers = {
+            x.name: Reduce(heads, frozenset({"q"}) if x.name == dense_name else frozenset()) for x in layers.cross
+        }
+        self.self_mode: dict[str, str] = {}
+        if similarity:
+            prop = {x.name for x in layers.propagation}
+            by_name = {x.name: x for x in layout.layers}
+            for name in dict.fromkeys(self.self_of.values()):
+                s = by_name[name]
+                if name in prop:
+                    continue
+                if s.factor > layers.dense.factor:
+                    self.self_mode[name] = "map"
+                    reducers[name] = HEAD_MEAN
+                elif 2 * s.factor == layers.dense.factor:
+                    grid = (-(-self.latent_hw[0] // s.factor), -(-self.latent_hw[1] // s.factor))
+                    self.self_mode[name] = "even"
+                    reducers[name] = Reduce(lambda t, g=grid: even_query_rows(t.q, g), frozenset({"k"}))
+        return req, reducers
+
+    def segment(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        inputs = [self._cross_inputs(record, x) for x in self.layers.cross]
+        if self._layer_weights is None or step % cfg.layer_refresh == 0:
+            dense = record[self.layers.dense.name].q if cfg.layer == "similarity" else None
+            dense_hw = grid_shape(dense.shape[1], self.latent_hw) if dense is not None else (0, 0)
+            with record_function("goca_scfg::goca_layer_weights"):
+                self._layer_weights = goca_layer_weights(inputs, dense, dense_hw, cfg)
+        with record_function("goca_scfg::goca_aggregate"):
+            agg = goca_aggregate(inputs, self._layer_weights, self.seg_hw, cfg)
+        prop = [record[x.name] for x in self.layers.propagation]
+        propagation = PropagationInputs(
+            queries=[split_cfg(r.q)[1] for r in prop],
+            keys=[split_cfg(r.k)[1] for r in prop],
+            heads=[r.heads for r in prop],
+            scales=[r.scale for r in prop],
+            order=self.layers.order,
+        )
+        device = agg.device
+        with record_function("goca_scfg::goca_segment"):
+            masks, fg = goca_segment(
+                agg, propagation, self.rescale_tokens.to(device), self.live_tokens.to(device), cfg
+            )
+        return resize_nearest(masks, self.latent_hw), resize_nearest(fg, self.latent_hw)
+
+    def _cross_inputs(self, record: AttentionRecord, layer: AttentionLayer) -> CrossLayerInputs:
+        """One cross block's A_ℓ and what the layer similarity reads of its self-attention sibling."""
+        attn_cross = self.reduced(record, layer.name)
+        name = self.self_of[layer.name]
+        rs = record[name] if self.config.layer == "similarity" else None
+        mode = self.self_mode.get(name, "raw")
+        reduced = self.reduced(record, name) if mode != "raw" else None
+        return CrossLayerInputs(
+            attn_cross=attn_cross,
+            hw=grid_shape(attn_cross.shape[1], self.latent_hw),
+            self_map=reduced if mode == "map" else None,
+            self_q=reduced if mode == "even" else (rs.q if rs else None),
+            self_k=rs.k if rs else None,
+            self_heads=rs.heads if rs else 1,
+            self_scale=rs.scale if rs else 1.0,
+        )

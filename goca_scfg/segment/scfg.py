@@ -1,18 +1,24 @@
 """Official S-CFG segmentation (ALGORITHM §1.3): low-resolution head-mean maps, SSGC refinement, 3×3 smoothing,
 per-token mean normalisation, 77-token argmax regions (cond half) and the `<sos>`-vs-rest foreground (uncond half).
 
-Pure tensor functions; `scfg_segment` wires them over the maps of one UNet call.
+Pure tensor functions; `scfg_segment` wires them over the maps of one UNet call, and `SCFGSegmentor` picks the
+layers of any UNet (`scfg_layers`) and runs it at every denoising step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
+from ..capture import HEAD_MEAN, AttentionRecord
 from ..config import SCFGConfig
-from ..ops import resize_bilinear, resize_nearest, scfg_blur_taps, smooth, split_cfg, to_grid
+from ..layout import AttentionLayer, ModelLayout
+from ..ops import grid_shape, resize_bilinear, resize_nearest, scfg_blur_taps, smooth, split_cfg, to_grid
+from .base import CapturePlan, SegmentationContext, Segmentor
 
 
 def ssgc_refine(attn_self: Tensor, attn_cross: Tensor, variant: str = "official") -> Tensor:
@@ -98,3 +104,46 @@ def scfg_segment(
     masks = resize_nearest(token_region_masks(tok_cond), latent_hw)
     fg = resize_nearest(foreground_mask(pair_uncond), latent_hw)
     return masks, fg
+
+
+def scfg_layers(layout: ModelLayout, ratios: tuple[int, ...]) -> list[tuple[AttentionLayer, AttentionLayer]]:
+    """(self, cross) pairs S-CFG reads (algorithm.md §8.1): for each configured ratio the cross-attention grid
+    closest to it (log scale, ties to the coarser), there the first transformer block of every attention module.
+
+    SD v1.x/2.x: exactly the official latent/4 and latent/8 blocks; SDXL: the latent/4 modules (no latent/8).
+    """
+    if layout.arch != "unet":
+        raise ValueError("segmentor='scfg' is defined for UNet denoisers only (S-CFG's released code has no DiT)")
+    factors = layout.cross_factors()
+    if not factors:
+        raise ValueError("segmentor needs a denoiser with text cross-attention; this one has none")
+    grids = dict.fromkeys(min(factors, key=lambda f: (abs(math.log2(f / r)), -f)) for r in ratios)
+    first_blocks = [
+        x for x in layout.of_kind("cross") if x.block == x.module or x.block.endswith(".transformer_blocks.0")
+    ]
+    return [(layout.sibling(x, "self"), x) for g in grids for x in first_blocks if x.factor == g]
+
+
+class SCFGSegmentor(Segmentor):
+    """The official S-CFG segmentation (CVPR 2024) at every step: SSGC-refined head-mean maps (algorithm.md §1.3)."""
+
+    name = "scfg"
+
+    def __init__(self, config: SCFGConfig | None = None) -> None:
+        self.config = config or SCFGConfig()
+
+    def start(self, context: SegmentationContext) -> CapturePlan:
+        self.latent_hw = context.latent_hw
+        self.blocks = scfg_layers(context.layout, self.config.ratios)
+        names = [x.name for pair in self.blocks for x in pair]
+        self.plan = CapturePlan({n: {"q", "k"} for n in names}, {n: HEAD_MEAN for n in names})  # §1.2: head means
+        return self.plan
+
+    def segment(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
+        with record_function("goca_scfg::scfg_segment"):
+            pairs = []
+            for s, c in self.blocks:
+                attn_cross = self.reduced(record, c.name)
+                hw = grid_shape(attn_cross.shape[1], self.latent_hw)
+                pairs.append(SCFGMapPair(self.reduced(record, s.name), attn_cross, hw))
+            return scfg_segment(pairs, pairs[0].hw, self.latent_hw, self.config)

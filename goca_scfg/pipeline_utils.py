@@ -1,0 +1,99 @@
+"""What every SCFG pipeline adds to its diffusers parent: planning one call's segmentation (`SCFGPipelineMixin`).
+
+The pipelines' loops only wire it: `spatial_guidance(...)` before the loop, `capture_attention` around it, and the
+returned `SpatialGuidance` instead of the CFG line. The denoiser is found by attribute (`unet` or `transformer`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from diffusers.loaders import TextualInversionLoaderMixin
+
+from .config import GoCAConfig, SCFGConfig
+from .guidance import SpatialGuidance
+from .layout import ModelLayout, unwrap
+from .segment import Segmentor, make_segmentor
+from .segment.base import SegmentationContext
+from .tokens import PromptTokens, clip_prompt_tokens
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEGMENTOR = "goca"
+
+
+class SCFGPipelineMixin:
+    """Segmentation planning shared by the SCFG pipelines (`denoiser_name` names the denoiser component)."""
+
+    denoiser_name = "unet"
+
+    @property
+    def denoiser(self):
+        return getattr(self, self.denoiser_name)
+
+    def segmentation_tokens(self, prompt: str | list[str] | None, num_images_per_prompt: int) -> PromptTokens | None:
+        """Token classes of the cond prompts as the text encoder sees them (textual-inversion tokens expanded),
+        one row per image; None without a prompt. SDXL: the first tokenizer's tokens name the regions."""
+        if prompt is None:
+            return None
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(self, TextualInversionLoaderMixin):
+            prompts = self.maybe_convert_prompt(prompts, self.tokenizer)
+        return clip_prompt_tokens(self.tokenizer, prompts, num_images_per_prompt)
+
+    def check_segmentation_size(self, height: int, width: int, layout: ModelLayout) -> tuple[int, int]:
+        """The latent (h, w), checked to divide evenly into every attention grid of the denoiser."""
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        deepest = max(x.factor for x in layout.layers) if layout.layers else 1
+        if latent_hw[0] % deepest or latent_hw[1] % deepest:
+            px = deepest * self.vae_scale_factor
+            raise ValueError(
+                f"segmentation needs height and width that are multiples of {px} px for this "
+                f"{type(unwrap(self.denoiser)).__name__} (its attention grids must divide the latent evenly), got "
+                f"{height}x{width}"
+            )
+        return latent_hw
+
+    def spatial_guidance(
+        self,
+        segmentor: str | Segmentor,
+        prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        num_images_per_prompt: int = 1,
+        scfg_config: SCFGConfig | None = None,
+        goca_config: GoCAConfig | None = None,
+        return_maps: bool = False,
+        batch_size: int | None = None,
+    ) -> SpatialGuidance:
+        """Plan one call's segmentation: the segmentor object, its layers on this denoiser and the token classes.
+
+        batch_size: images per call (one CFG half); defaults to the prompt count times `num_images_per_prompt`.
+        """
+        seg = make_segmentor(segmentor, scfg_config, goca_config)
+        if seg is None:
+            raise ValueError("spatial_guidance needs a segmentor ('goca', 'scfg' or a Segmentor instance)")
+        layout = ModelLayout.of(self.denoiser)
+        latent_hw = self.check_segmentation_size(height, width, layout)
+        tokens = self.segmentation_tokens(prompt, num_images_per_prompt)
+        if batch_size is None:
+            if tokens is None:
+                raise ValueError("spatial_guidance needs `prompt` or `batch_size`")
+            batch_size = tokens.ids.shape[0]
+        context = SegmentationContext(layout, latent_hw, batch_size, tokens)
+        return SpatialGuidance(seg, context, scfg_config or SCFGConfig(), return_maps=return_maps)
+
+    def start_spatial_guidance(self, segmentor: Segmentor | None, **kwargs) -> SpatialGuidance | None:
+        """The loop's plan, or None (with a warning when a segmentor was asked for but CFG is off: w <= 1 or a
+        guidance-embedding denoiser such as LCM's, where there is no Δ to rescale)."""
+        if segmentor is None:
+            return None
+        if not self.do_classifier_free_guidance:
+            logger.warning(
+                "segmentor %r segments nothing: classifier-free guidance is off (guidance_scale=%s%s)",
+                segmentor.name,
+                self.guidance_scale,
+                ", guidance-embedding denoiser" if getattr(self.denoiser.config, "time_cond_proj_dim", None) else "",
+            )
+            return None
+        return self.spatial_guidance(segmentor, **kwargs)

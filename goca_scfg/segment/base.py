@@ -1,0 +1,63 @@
+"""The segmentor interface: what a segmentation method tells the capture, and what it gives the guidance.
+
+A `Segmentor` is one method (S-CFG, GoCA, or a third party's). Per pipeline call it is given a
+`SegmentationContext` (the denoiser's layout, the latent size, the prompt's token classes) and answers with a
+`CapturePlan`: which attention layers to record, which fields, and how to reduce them inside the forward pass. At
+every denoising step it turns that call's `AttentionRecord` into region masks and a foreground at latent size.
+The pipeline copies the instance it is given before `start`, so per-call state never leaks between calls.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..capture import AttentionRecord, Field, Reduce
+from ..layout import ModelLayout
+from ..tokens import PromptTokens
+
+
+@dataclass(frozen=True)
+class SegmentationContext:
+    """What one pipeline call tells its segmentor: the denoiser's layout, the latent (h, w), the batch size B
+    (images per call, one CFG half) and the cond prompts' token classes (None when only embeddings were given)."""
+
+    layout: ModelLayout
+    latent_hw: tuple[int, int]
+    batch: int
+    tokens: PromptTokens | None
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """The layers to record (`requests[name]` ⊆ {"q", "k", "o"}) and their in-forward reductions."""
+
+    requests: dict[str, set[Field]]
+    reducers: dict[str, Reduce] = field(default_factory=dict)
+
+
+class Segmentor(abc.ABC):
+    """One segmentation method over a model layout: `start` once per call, then `segment` at every step."""
+
+    name: str = "segmentor"
+    plan: CapturePlan
+
+    @abc.abstractmethod
+    def start(self, context: SegmentationContext) -> CapturePlan:
+        """Resolve this call's layers from the layout, reset per-call state; return (and keep as `plan`) the plan."""
+
+    @abc.abstractmethod
+    def segment(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
+        """Region masks (B, T, H, W) in {0, 1} and foreground (B, 1, H, W) at latent size from one call's record."""
+
+    def reduced(self, record: AttentionRecord, name: str) -> Tensor:
+        """This plan's reduction of a layer: made now when the record kept the raw fields (a capture without
+        reducers, or one shared by several plans), else the one made inside the forward pass."""
+        slot = record[name]
+        if all(getattr(slot, f) is not None for f in self.plan.requests[name]):
+            return self.plan.reducers[name].fn(slot)
+        if slot.reduced is None:
+            raise RuntimeError(f"layer {name!r} was recorded without the fields this plan needs")
+        return slot.reduced
