@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from goca_scfg import AttentionRecord, GoCAConfig, StableDiffusionSCFGPipeline, capture_attention
-from goca_scfg.testing import sd15_random_components, swap_scheduler, tiny_components
+from goca_scfg.loading import swap_scheduler
+from goca_scfg.testing import sd15_random_components, tiny_components
 
 METHODS = {
     "cfg": dict(segmentor=None),

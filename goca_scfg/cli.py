@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> None:
-    from .testing import load_pipeline, native_size, swap_scheduler
+    from .loading import load_pipeline, native_size, swap_scheduler
     from .viz import save_step_maps
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,7 @@
 """Offline fixtures: tiny seeded diffusers components and a real CLIP tokenizer built from open_clip's vocab.
 
-Used by the tests, the CLI's `--model tiny-random` and benchmarks; never imported by library modules.
+Used by the tests, the benchmarks and `loading.TINY_MODELS` (the CLI's and the sweep's `--model tiny-random`); no
+library module imports it at import time.
 The tiny UNet has four resolution levels and two transformer blocks per down level (three per up level), so every
 layer name of SD v1.5 exists and attention maps exist at latent/1, /2, /4 and /8.
 """
@@ -16,8 +17,7 @@ from typing import Any
 
 import torch
 
-TINY_MODEL_ID = "tiny-random"
-SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+from .loading import SD15_MODEL_ID, load_pipeline, native_size, swap_scheduler  # noqa: F401 (moved; kept until eval/ imports them from loading)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -156,31 +156,6 @@ def make_scheduler(name: str = "pndm"):
     raise ValueError(f"unknown scheduler {name!r}; expected 'pndm', 'ddim' or 'dpm++'")
 
 
-def swap_scheduler(pipe, name: str) -> None:
-    """Replace `pipe.scheduler` by "pndm", "ddim" or "dpm++" (DPM-Solver++ 2M, the official S-CFG demo's, ALGORITHM
-    §1.6), keeping the model's own noise schedule (`from_config`); "default" keeps the model's scheduler."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
-
-    config = pipe.scheduler.config
-    if name == "default":
-        return
-    if name == "pndm":
-        pipe.scheduler = PNDMScheduler.from_config(config, skip_prk_steps=True)
-    elif name == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=False)
-    elif name in ("dpm++", "dpmsolver++"):
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, solver_order=2, algorithm_type="dpmsolver++")
-    else:
-        raise ValueError(f"unknown scheduler {name!r}; expected 'default', 'pndm', 'ddim' or 'dpm++'")
-
-
-def native_size(pipe) -> tuple[int, int]:
-    """The pipeline's default (height, width) in pixels: the UNet's sample size times the VAE factor."""
-    sample = pipe.unet.config.sample_size
-    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
-    return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
-
-
 def tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dtype | None = None):
     """A `StableDiffusionSCFGPipeline` over `tiny_components(seed)`."""
     from .pipeline import StableDiffusionSCFGPipeline
@@ -189,18 +164,4 @@ def tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dty
     if torch_dtype is not None and torch_dtype != torch.float32:
         pipe = pipe.to(dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def load_pipeline(model: str, torch_dtype: torch.dtype | None = None, device: str | None = None, **kwargs):
-    """`from_pretrained(model)` for a hub id or local path, or the offline fixture for `model="tiny-random"`."""
-    from .pipeline import StableDiffusionSCFGPipeline
-
-    if model == TINY_MODEL_ID:
-        pipe = tiny_pipeline(torch_dtype=torch_dtype)
-    else:
-        kwargs.setdefault("safety_checker", None)
-        pipe = StableDiffusionSCFGPipeline.from_pretrained(model, dtype=torch_dtype, **kwargs)
-    if device is not None:
-        pipe = pipe.to(device)
     return pipe

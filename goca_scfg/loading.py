@@ -1,0 +1,98 @@
+"""Loading an SCFG pipeline for a model name: the SCFG class that matches the model's `model_index.json`
+(`StableDiffusionPipeline` → `StableDiffusionSCFGPipeline`, …), or one of the offline tiny random models.
+
+Used by the CLI, the evaluation sweep and the benchmarks, so `--model` means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# diffusers pipeline class named in model_index.json → our subclass ("module:attribute", imported when used)
+SCFG_PIPELINES: dict[str, str] = {
+    "StableDiffusionPipeline": "goca_scfg.pipeline:StableDiffusionSCFGPipeline",
+    "StableDiffusionSCFGPipeline": "goca_scfg.pipeline:StableDiffusionSCFGPipeline",
+}
+# offline tiny random models (no download): name → builder(seed, scheduler, torch_dtype) of a ready pipeline
+TINY_MODELS: dict[str, str] = {
+    "tiny-random": "goca_scfg.testing:tiny_pipeline",
+}
+
+
+def _resolve(target: str):
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def model_class_name(model: str) -> str:
+    """The `_class_name` in a model's `model_index.json`: a local folder's, or a hub id's (from the local cache
+    when offline). Raises `FileNotFoundError` naming the model when neither has one."""
+    if os.path.isdir(model):
+        path = os.path.join(model, "model_index.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{model!r} is a folder without model_index.json (not a diffusers pipeline)")
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            path = hf_hub_download(model, "model_index.json")
+        except (OSError, ValueError, HFValidationError) as err:
+            raise FileNotFoundError(
+                f"model {model!r} is neither a local diffusers folder nor a hub id that can be reached or is cached "
+                f"({type(err).__name__})"
+            ) from err
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["_class_name"]
+
+
+def scfg_pipeline_class(model: str) -> type:
+    """Our SCFG pipeline class for a model folder or hub id, by its `model_index.json`."""
+    name = model_class_name(model)
+    if name not in SCFG_PIPELINES:
+        raise ValueError(f"model {model!r} is a {name}; SCFG pipelines exist for {sorted(set(SCFG_PIPELINES))}")
+    return _resolve(SCFG_PIPELINES[name])
+
+
+def load_pipeline(model: str, torch_dtype=None, device: str | None = None, **kwargs):
+    """`from_pretrained(model)` on the matching SCFG pipeline class (hub id or local path), or a tiny offline model
+    (`TINY_MODELS`); safety checkers are not loaded (`safety_checker=None` where the pipeline has one)."""
+    if model in TINY_MODELS:
+        pipe = _resolve(TINY_MODELS[model])(torch_dtype=torch_dtype)
+    else:
+        cls = scfg_pipeline_class(model)
+        if "safety_checker" in cls._optional_components:
+            kwargs.setdefault("safety_checker", None)
+        pipe = cls.from_pretrained(model, dtype=torch_dtype, **kwargs)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def native_size(pipe) -> tuple[int, int]:
+    """The pipeline's default (height, width) in pixels: the denoiser's sample size times the VAE factor."""
+    sample = pipe.denoiser.config.sample_size
+    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
+
+
+def swap_scheduler(pipe, name: str) -> None:
+    """Replace `pipe.scheduler` by "pndm", "ddim" or "dpm++" (DPM-Solver++ 2M, the official S-CFG demo's,
+    algorithm.md §1.6), keeping the model's own noise schedule (`from_config`); "default" keeps the model's."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    config = pipe.scheduler.config
+    if name == "default":
+        return
+    if name == "pndm":
+        pipe.scheduler = PNDMScheduler.from_config(config, skip_prk_steps=True)
+    elif name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=False)
+    elif name in ("dpm++", "dpmsolver++"):
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, solver_order=2, algorithm_type="dpmsolver++")
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; expected 'default', 'pndm', 'ddim' or 'dpm++'")
