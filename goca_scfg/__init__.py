@@ -5,6 +5,7 @@ from .config import GoCAConfig, SCFGConfig
 from .guidance import SCFGStepMaps, SCFGStepRates, SpatialGuidance
 from .layout import AttentionLayer, ModelLayout
 from .pipeline import StableDiffusionSCFGPipeline, StableDiffusionSCFGPipelineOutput
+from .pipeline_sdxl import StableDiffusionXLSCFGPipeline, StableDiffusionXLSCFGPipelineOutput
 from .segment import CapturePlan, GoCASegmentor, SCFGSegmentor, SegmentationContext, Segmentor
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "SpatialGuidance",
     "StableDiffusionSCFGPipeline",
     "StableDiffusionSCFGPipelineOutput",
+    "StableDiffusionXLSCFGPipeline",
+    "StableDiffusionXLSCFGPipelineOutput",
     "capture_attention",
 ]
 __version__ = "0.1.0"

@@ -16,10 +16,13 @@ SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCFG_PIPELINES: dict[str, str] = {
     "StableDiffusionPipeline": "goca_scfg.pipeline:StableDiffusionSCFGPipeline",
     "StableDiffusionSCFGPipeline": "goca_scfg.pipeline:StableDiffusionSCFGPipeline",
+    "StableDiffusionXLPipeline": "goca_scfg.pipeline_sdxl:StableDiffusionXLSCFGPipeline",
+    "StableDiffusionXLSCFGPipeline": "goca_scfg.pipeline_sdxl:StableDiffusionXLSCFGPipeline",
 }
 # offline tiny random models (no download): name → builder(seed, scheduler, torch_dtype) of a ready pipeline
 TINY_MODELS: dict[str, str] = {
     "tiny-random": "goca_scfg.testing:tiny_pipeline",
+    "tiny-random-xl": "goca_scfg.testing:tiny_xl_pipeline",
 }
 
 

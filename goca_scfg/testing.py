@@ -48,8 +48,9 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(vocab)}, merges
 
 
-def clip_tokenizer():
-    """transformers `CLIPTokenizer` with SD v1.5's ids (49406 = `<|startoftext|>`, 49407 = EOS = pad), offline."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """transformers `CLIPTokenizer` with SD v1.5's ids (49406 = `<|startoftext|>`, 49407 = EOS = pad), offline;
+    `pad_token="!"` gives SDXL's second tokenizer (OpenCLIP pads with id 0)."""
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_vocab_and_merges()
@@ -59,7 +60,7 @@ def clip_tokenizer():
             json.dump(vocab, f)
         with open(merges_file, "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer(vocab_file, merges_file, model_max_length=77, pad_token="<|endoftext|>")
+        return CLIPTokenizer(vocab_file, merges_file, model_max_length=77, pad_token=pad_token)
 
 
 # Shared by both architectures: SD v1.x's block layout and CLIP's special token ids.
@@ -143,9 +144,13 @@ _SD15_SCHEDULER = {
 
 
 def make_scheduler(name: str = "pndm"):
-    """A scheduler with SD v1.5's published noise schedule: "pndm" (the model default), "ddim" or "dpm++"."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+    """A scheduler with SD v1.5's (and SDXL's) published noise schedule: "pndm" (SD v1.5's default), "euler"
+    (SDXL's default), "ddim" or "dpm++"."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
+    if name == "euler":
+        cfg = {k: v for k, v in _SD15_SCHEDULER.items() if k != "set_alpha_to_one"}
+        return EulerDiscreteScheduler(timestep_spacing="leading", interpolation_type="linear", **cfg)
     if name == "pndm":
         return PNDMScheduler(skip_prk_steps=True, **_SD15_SCHEDULER)
     if name == "ddim":
@@ -153,7 +158,7 @@ def make_scheduler(name: str = "pndm"):
     if name in ("dpm++", "dpmsolver++"):
         cfg = {k: v for k, v in _SD15_SCHEDULER.items() if k != "set_alpha_to_one"}
         return DPMSolverMultistepScheduler(solver_order=2, algorithm_type="dpmsolver++", **cfg)
-    raise ValueError(f"unknown scheduler {name!r}; expected 'pndm', 'ddim' or 'dpm++'")
+    raise ValueError(f"unknown scheduler {name!r}; expected 'pndm', 'euler', 'ddim' or 'dpm++'")
 
 
 def tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dtype | None = None):
@@ -161,6 +166,87 @@ def tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dty
     from .pipeline import StableDiffusionSCFGPipeline
 
     pipe = StableDiffusionSCFGPipeline(**tiny_components(seed, scheduler))
+    if torch_dtype is not None and torch_dtype != torch.float32:
+        pipe = pipe.to(dtype=torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# SDXL: three levels, cross-attention at latent/2 (2 blocks per module) and latent/4 (10), two CLIP encoders whose
+# hidden states are concatenated per token (cross_attention_dim = their sum), pooled text + size conditioning.
+_SDXL_UNET_LAYOUT = dict(
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+)
+_TINY_XL = (
+    dict(sample_size=16, block_out_channels=(16, 32, 64), attention_head_dim=(2, 4, 8), cross_attention_dim=64,
+         addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8),
+    _TINY[1],
+    dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, layer_norm_eps=1e-5),
+    dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, layer_norm_eps=1e-5,
+         projection_dim=32),
+)  # fmt: skip
+# The published SDXL base 1.0 configs (unet, vae, CLIP ViT-L, OpenCLIP bigG): random weights time like real ones.
+_SDXL = (
+    dict(sample_size=128, block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+         cross_attention_dim=2048, addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+         norm_num_groups=32),
+    dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2, sample_size=1024,
+         scaling_factor=0.13025, force_upcast=True),
+    _SD15[2],
+    dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, hidden_act="gelu",
+         projection_dim=1280),
+)  # fmt: skip
+
+
+def _random_xl_components(sizes: tuple[dict, dict, dict, dict], seed: int, scheduler: str) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_cfg, vae_cfg, text_cfg, text2_cfg = sizes
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**_SDXL_UNET_LAYOUT, **unet_cfg)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**_VAE_LAYOUT, **vae_cfg)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_LAYOUT, **text_cfg))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**_TEXT_LAYOUT, "pad_token_id": 0}, **text2_cfg))
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(pad_token="!"),
+        "scheduler": make_scheduler(scheduler),
+        "image_encoder": None,
+        "feature_extractor": None,
+        "add_watermarker": False,
+    }
+
+
+def tiny_xl_components(seed: int = 0, scheduler: str = "euler") -> dict[str, Any]:
+    """Tiny random `StableDiffusionXLPipeline` components with SDXL's block structure (1/2/10 transformer blocks)."""
+    return _random_xl_components(_TINY_XL, seed, scheduler)
+
+
+def sdxl_random_components(seed: int = 0, scheduler: str = "euler") -> dict[str, Any]:
+    """SDXL base 1.0's architecture (2.6B-parameter UNet) with random weights, offline: for benchmarks."""
+    return _random_xl_components(_SDXL, seed, scheduler)
+
+
+def tiny_xl_pipeline(seed: int = 0, scheduler: str = "euler", torch_dtype: torch.dtype | None = None):
+    """A `StableDiffusionXLSCFGPipeline` over `tiny_xl_components(seed)`."""
+    from .pipeline_sdxl import StableDiffusionXLSCFGPipeline
+
+    pipe = StableDiffusionXLSCFGPipeline(**tiny_xl_components(seed, scheduler))
     if torch_dtype is not None and torch_dtype != torch.float32:
         pipe = pipe.to(dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
