@@ -205,24 +205,27 @@ def propagate_self_attention(
 ) -> Tensor:
     """C ← S^order·C with S = mean over blocks and heads of softmax(Q Kᵀ·scale) (ALGORITHM §2.6, §4.3).
 
-    maps: (B, T, H, W); queries/keys: per block (B, N, C) at latent resolution (N = H·W). S is never formed: each
-    product is a fused attention call with the maps as values. Query, key and value head sizes are zero-padded to
-    one multiple of 8 (q·k is unchanged; the scale is passed explicitly), so the fused kernels that need equal,
-    aligned head sizes apply and no N×N map is materialised. Returns (B, T, H, W).
+    maps: (B, T, H, W); queries/keys: per block (B, N, C) at the maps' grid (N = H·W). S is never formed: each
+    product is a fused attention call with the maps as values. Head sizes are zero-padded to multiples of 8 (q/k to
+    the head size, the values to the channel count; q·k is unchanged and the scale is passed explicitly), so fused
+    kernels apply and no N×N map is materialised. Returns (B, T, H, W).
     """
     b, t, hh, ww = maps.shape
     n = hh * ww
     x = maps.float().flatten(2).transpose(1, 2)  # (B, N, T)
+    width_v = -(-t // 8) * 8
+    v = F.pad(x, (0, width_v - t))
     for _ in range(order):
-        acc = torch.zeros_like(x)
-        for q, k, n_heads, scale in zip(queries, keys, heads, scales):  # one block's padded q/k alive at a time
+        acc = torch.zeros_like(v)
+        for q, k, n_heads, scale in zip(queries, keys, heads, scales):  # one block's q/k alive at a time
             d = q.shape[-1] // n_heads
-            width = -(-max(d, t) // 8) * 8
-            qh = F.pad(q.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
-            kh = F.pad(k.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
-            v = F.pad(x, (0, width - t)).unsqueeze(1).expand(b, n_heads, n, width)
-            acc += F.scaled_dot_product_attention(qh, kh, v, scale=scale)[..., :t].mean(dim=1)
-        x = acc / len(queries)
+            width_qk = -(-d // 8) * 8
+            qh = F.pad(q.float().view(b, n, n_heads, d).transpose(1, 2), (0, width_qk - d))
+            kh = F.pad(k.float().view(b, n, n_heads, d).transpose(1, 2), (0, width_qk - d))
+            vh = v.unsqueeze(1).expand(b, n_heads, n, width_v)
+            acc += F.scaled_dot_product_attention(qh, kh, vh, scale=scale).mean(dim=1)
+        v = acc / len(queries)
+    x = v[..., :t]
     return x.transpose(1, 2).reshape(b, t, hh, ww)
 
 
