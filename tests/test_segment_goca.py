@@ -331,6 +331,10 @@ def test_batch_independence_exact():
         torch.testing.assert_close(w1, w[rows], atol=1e-6, rtol=1e-6)
         m1, f1 = goca_segment(goca_aggregate(one, w1, (8, 8), cfg), p1, caption[i : i + 1], live[i : i + 1], cfg)
         assert (m1 == masks[i : i + 1]).float().mean() >= 0.99 and (f1 == fg[i : i + 1]).float().mean() >= 0.99
+        # given the same aggregated maps, a sample's masks do not depend on the batch at all (per-sample shapes)
+        agg = goca_aggregate(layers, w, (8, 8), cfg)
+        m2, f2 = goca_segment(agg[rows], p1, caption[i : i + 1], live[i : i + 1], cfg)
+        assert torch.equal(m2, masks[i : i + 1]) and torch.equal(f2, fg[i : i + 1])
 
 
 def _reference_head_mean(q, k, heads, scale):

@@ -323,28 +323,36 @@ def goca_segment(
     with the cond S, pads out, argmax regions and the uncond `<sos>` foreground.
 
     agg: (2B, T, H, W) from `goca_aggregate`; rescale_tokens / live_tokens: (B, T) bool of the cond prompts.
-    Returns masks (B, T, H, W) and fg (B, 1, H, W). Exact pruning (every later step is per channel): only the
-    channels up to the batch's last live token, and channel 0 of the uncond half, are processed; the rest are the
-    zeros the pad zeroing would make of them.
+    Returns masks (B, T, H, W) and fg (B, 1, H, W). Exact pruning (every step after the aggregation is per channel
+    and per sample): each sample processes only its channels up to its last live token and channel 0 of its uncond
+    half; the rest are the zeros the pad zeroing makes of them. Per sample, so a sample's shapes, and its result,
+    do not depend on the rest of the batch.
     """
     taps = gaussian_taps(config.blur_kernel, config.blur_sigma)
     t = agg.shape[1]
-    live_until = int((torch.arange(t, device=live_tokens.device) * live_tokens).amax()) + 1
     g_neg, g_pos = split_cfg(agg)
-    g_pos = g_pos[:, :live_until]
-    if config.rescale == "sum1":
-        g_pos = rescale_sum_one(g_pos, rescale_tokens[:, :live_until], config.eps)
-    pos = renorm_per_token(g_pos, taps, config.eps)
-    both = torch.cat([pos, g_neg[:, :1]], dim=1)
-    if propagation.order:
-        both = propagate_self_attention(
-            both, propagation.queries, propagation.keys, propagation.heads, propagation.scales, propagation.order
-        )
-    both = minmax_per_token(both, config.eps)
-    pos, sos = both[:, :live_until], both[:, live_until:]
-    sos = renorm_per_token(sos, taps, config.eps)
-    pos = F.pad(pos, (0, 0, 0, 0, 0, t - live_until))  # the pruned channels: zero, as the pad zeroing makes them
-    return goca_region_masks(pos, live_tokens), foreground_from_sos(sos, config.fg_threshold)
+    positions = torch.arange(t, device=live_tokens.device)
+    masks, fgs = [], []
+    for i in range(g_pos.shape[0]):
+        n = int((positions * live_tokens[i]).amax()) + 1
+        pos = g_pos[i : i + 1, :n]
+        if config.rescale == "sum1":
+            pos = rescale_sum_one(pos, rescale_tokens[i : i + 1, :n], config.eps)
+        both = torch.cat([renorm_per_token(pos, taps, config.eps), g_neg[i : i + 1, :1]], dim=1)
+        if propagation.order:
+            both = propagate_self_attention(
+                both,
+                [q[i : i + 1] for q in propagation.queries],
+                [k[i : i + 1] for k in propagation.keys],
+                propagation.heads,
+                propagation.scales,
+                propagation.order,
+            )
+        both = minmax_per_token(both, config.eps)
+        pos = F.pad(both[:, :n], (0, 0, 0, 0, 0, t - n))  # the pruned channels: zero, as the pad zeroing makes them
+        masks.append(goca_region_masks(pos, live_tokens[i : i + 1]))
+        fgs.append(foreground_from_sos(renorm_per_token(both[:, n:], taps, config.eps), config.fg_threshold))
+    return torch.cat(masks), torch.cat(fgs)
 
 
 # ----------------------------------------------------------------------------------------------- layers, §8
