@@ -82,7 +82,7 @@ def test_batch_equals_single_calls(tiny_components_factory, segmentor):
     """§6.22: B prompts in one call give the images of B separate calls with the same per-image generators.
 
     The UNet itself differs by ~1e-5 between batch sizes (BLAS blocking). The tiny random model's GoCA maps are
-    nearly flat, so min–max turns that into rare near-tie flips: first-step labels must agree on >= 98 % of pixels
+    nearly flat, so min–max turns that into rare near-tie flips: first-step labels and foregrounds must agree on >= 98 % of pixels
     (3 of 256 flip here), and images closely. Given the same maps, the GoCA maths is exactly per sample
     (test_segment_goca.py::test_batch_independence_exact).
     """
@@ -93,7 +93,7 @@ def test_batch_equals_single_calls(tiny_components_factory, segmentor):
         single = pipe(prompt, generator=_gens(1, base=i), segmentor=segmentor, return_maps=True, **_kwargs())
         torch.testing.assert_close(batch.images[i], single.images[0], atol=atol, rtol=0)
         assert (batch.maps[0].labels[i] == single.maps[0].labels[0]).float().mean() >= 0.98
-        assert (batch.maps[0].foreground[i] == single.maps[0].foreground[0]).float().mean() >= 0.99
+        assert (batch.maps[0].foreground[i] == single.maps[0].foreground[0]).float().mean() >= 0.98
 
 
 def test_num_images_per_prompt_and_negative_prompt(tiny_components_factory):
