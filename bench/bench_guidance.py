@@ -24,16 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from goca_scfg import AttentionRecord, GoCAConfig, StableDiffusionSCFGPipeline, capture_attention
+from goca_scfg import AttentionRecord, StableDiffusionSCFGPipeline, capture_attention
 from goca_scfg.loading import swap_scheduler
 from goca_scfg.testing import sd15_random_components, tiny_components
+from goca_scfg.vocab import BASELINE, DTYPE_NAMES, METHOD_NAMES, SCHEDULER_NAMES, get_method, torch_dtype
 
-METHODS = {
-    "cfg": dict(segmentor=None),
-    "scfg": dict(segmentor="scfg"),
-    "goca": dict(segmentor="goca", goca_config=GoCAConfig()),
-    "goca-fast": dict(segmentor="goca", goca_config=GoCAConfig.fast()),
-}
+DEFAULT_METHODS = (BASELINE, "scfg", "goca", "goca-fast")
 PROMPT = "a photograph of an astronaut riding a horse on the beach"
 
 
@@ -49,7 +45,7 @@ class Case:
 
 
 def build_pipeline(args) -> StableDiffusionSCFGPipeline:
-    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     if args.tiny:
         pipe = StableDiffusionSCFGPipeline(**tiny_components()).to(args.device)
     elif args.model:
@@ -88,7 +84,7 @@ def run_once(pipe, case: Case, method: str, steps: int, device: str) -> tuple[fl
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
     start = time.perf_counter()
-    _generate(pipe, case, steps, **METHODS[method])
+    _generate(pipe, case, steps, **get_method(method).pipeline_kwargs())
     _sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
@@ -108,7 +104,7 @@ def measure(pipe, cases: list[Case], methods: list[str], args) -> list[dict]:
                 continue
             sec = statistics.median(r[0] for r in runs) / case.batch
             mem = max(r[1] for r in runs) if runs[0][1] is not None else None
-            if method == "cfg":
+            if method == BASELINE:
                 base_time, base_mem = sec, mem
             row = dict(case=case.name, method=method, s_per_img=sec, peak_gib=mem)
             row["time_ratio"] = sec / base_time if base_time else None
@@ -146,10 +142,10 @@ def profile_stages(pipe, case: Case, method: str, args) -> dict[str, float]:
 
 def capture_bytes(pipe, case: Case, method: str) -> int:
     """Bytes the attention record holds at the end of a UNet call (the capture's extra memory per step)."""
-    kwargs = METHODS[method]
+    kwargs = get_method(method).pipeline_kwargs()
     prompts = [PROMPT] * case.batch
     plan = pipe.spatial_guidance(
-        kwargs["segmentor"], prompts, case.height, case.width, goca_config=kwargs.get("goca_config")
+        kwargs["segmentor"], prompts, case.height, case.width, goca_config=kwargs["goca_config"]
     )
     held = []
     with capture_attention(pipe.unet, plan.requests, plan.reducers) as record:
@@ -177,9 +173,10 @@ def label_agreement(pipe, case: Case, args) -> dict[str, list[float]]:
     trajectory, so only the approximation differs.
     """
     prompts = [PROMPT] * case.batch
+    exact = get_method("goca").goca_config
     plans = {
         name: pipe.spatial_guidance("goca", prompts, case.height, case.width, goca_config=cfg)
-        for name, cfg in (("exact", GoCAConfig()), ("fast", GoCAConfig.fast()), ("fp16_noise", GoCAConfig()))
+        for name, cfg in (("exact", exact), ("fast", get_method("goca-fast").goca_config), ("fp16_noise", exact))
     }
     agreement: dict[str, list[float]] = {"fast": [], "fp16_noise": []}
 
@@ -211,10 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU, a few steps (smoke mode)")
     parser.add_argument("--model", default=None, help="real weights (hub id or path); default: random SD v1.5")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    parser.add_argument("--scheduler", choices=["default", "pndm", "ddim", "dpm++"], default="default")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="default")
     parser.add_argument("--cases", default="512b1,512b8,1024b1", help="comma list of SIZE[xW]bBATCH")
-    parser.add_argument("--methods", default="cfg,scfg,goca,goca-fast")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {','.join(METHOD_NAMES)}")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
@@ -235,9 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     methods = [m.strip() for m in args.methods.split(",")]
-    unknown = set(methods) - set(METHODS)
-    if unknown or methods[0] != "cfg":
-        parser.error(f"--methods must start with cfg (the baseline) and use {sorted(METHODS)}; got {methods}")
+    unknown = set(methods) - set(METHOD_NAMES)
+    if unknown or methods[0] != BASELINE:
+        parser.error(f"--methods must start with {BASELINE} (the baseline) and use {METHOD_NAMES}; got {methods}")
     cases = parse_cases(args.cases)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"# device: {device_name}; dtype {args.dtype}; scheduler {args.scheduler}; steps {args.steps}")
@@ -246,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"device": device_name, "args": vars(args), "rows": measure(pipe, cases, methods, args)}
     if args.profile:
         results["profile"] = {}
-        for method in [m for m in ("scfg", "goca", "goca-fast") if m in methods]:
+        for method in [m for m in methods if get_method(m).segmentor is not None]:
             stages = profile_stages(pipe, cases[0], method, args)
             held = capture_bytes(pipe, cases[0], method)
             results["profile"][method] = {**stages, "record_mib": held / 2**20}

@@ -1,78 +1,321 @@
-"""The `goca-scfg` command: generate an image with spatially adaptive guidance, optionally with its maps."""
+"""The `goca-scfg` command: generate an image with spatially adaptive guidance, optionally with its maps.
+
+Every argument is checked before the model loads; a bad one ends the command with one line `error: …` on stderr and
+exit status 2 (`--debug` shows the traceback instead). torch and diffusers are imported only to generate, so
+`--help` and usage errors answer at once. Nothing is written unless the whole command succeeds.
+"""
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
-import torch
+from .checks import check_float, check_int
+from .loading import TINY_MODELS
+from .vocab import DTYPE_NAMES, METHOD_ALIASES, METHOD_NAMES, SCHEDULER_NAMES, get_method, torch_dtype
 
-from .config import GoCAConfig, SCFGConfig
+MAX_SIZE = 4096  # pixels per side; larger requests are refused rather than left to exhaust memory
+SIZE_MULTIPLE = 8  # the VAE's down-sampling factor in SD v1.x/2.x
+USAGE_ERROR = 2  # bad input
+RUN_ERROR = 1  # a failure while generating
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+class CLIError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+def _say_error(message: str) -> None:
+    """Print `error: message` as one line, whatever the terminal's encoding can show."""
+    line = " ".join(f"error: {message}".split())
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    print(line.encode(encoding, "backslashreplace").decode(encoding), file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line `error: …` (exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        _say_error(f"{message} (see `{self.prog} --help`)")
+        raise SystemExit(USAGE_ERROR)
+
+
+def _arg_type(check, *args, **kwargs):
+    """An argparse `type=` from a checks.py function: parse the text, then range-check it."""
+
+    kind = int if check is check_int else float
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: not a {parse.__name__}") from None
+        try:
+            return check("value", value, *args, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {str(err).removeprefix('value ')}") from None
+
+    parse.__name__ = "whole number" if check is check_int else "number"
+    return parse
+
+
+def _size(text: str) -> int:
+    """A side length in pixels: a positive multiple of 8, at most MAX_SIZE."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a whole number") from None
+    if not 0 < value <= MAX_SIZE or value % SIZE_MULTIPLE:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: must be a multiple of {SIZE_MULTIPLE} between {SIZE_MULTIPLE} and {MAX_SIZE}"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="goca-scfg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate one image")
-    gen.add_argument("--model", required=True, help="hub id or local path of an SD 1.x/2.x model, or 'tiny-random'")
+    parser = _Parser(prog="goca-scfg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", help="generate one image", description="Generate one image.")
+    gen.add_argument(
+        "--model",
+        required=True,
+        help="hub id or local folder of a diffusers SD 1.x/2.x or SDXL model (its model_index.json picks the "
+        f"pipeline), or an offline tiny model: {', '.join(TINY_MODELS)}",
+    )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--segmentor", choices=["goca", "goca-vanilla", "scfg", "none"], default="goca")
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--seed", type=int, default=42)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--scheduler", choices=["default", "pndm", "ddim", "dpm++"], default="default")
-    gen.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: fp16 on CUDA, else fp32")
+    methods = [*METHOD_NAMES, *METHOD_ALIASES]
+    gen.add_argument(
+        "--segmentor",
+        choices=methods,
+        default="goca",
+        metavar="METHOD",
+        help=f"guidance method: {', '.join(methods)} ('none' = 'cfg', plain CFG; default goca)",
+    )
+    gen.add_argument("--guidance-scale", type=_arg_type(check_float), default=7.5, help="finite number (default 7.5)")
+    gen.add_argument("--steps", type=_arg_type(check_int, minimum=1), default=50, help="denoising steps, >= 1")
+    gen.add_argument("--seed", type=_arg_type(check_int, minimum=0), default=42, help="generator seed, >= 0")
+    size_help = f"pixels, a multiple of {SIZE_MULTIPLE} up to {MAX_SIZE} (default: the model's native size)"
+    gen.add_argument("--height", type=_size, default=None, help=size_help)
+    gen.add_argument("--width", type=_size, default=None, help=size_help)
+    gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="default")
+    gen.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: fp16 on CUDA, else fp32")
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    gen.add_argument("--out", required=True, help="output image (PNG)")
-    gen.add_argument("--maps", default=None, help="also write the last step's regions, foreground and rate (PNG)")
+    gen.add_argument("--out", required=True, help="output image; the extension picks the format (.png, .jpg, …)")
+    gen.add_argument("--maps", default=None, help="also write the last step's regions, foreground and rate (image)")
+    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
+# ------------------------------------------------------------------------------------------------ input checks
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A checked output path and the PIL format its extension selects."""
+
+    path: Path
+    format: str
+
+
+def _pil_format(path: Path) -> str | None:
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    return fmt if fmt in Image.SAVE else None
+
+
+def check_output(flag: str, value: str) -> OutputFile:
+    """The file named by `flag` can be written: its folder exists and is writable, PIL knows its extension."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise CLIError(f"{flag} {value} is a folder; give a file name such as {path / 'image.png'}")
+    folder = path.parent.resolve()
+    if not folder.is_dir():
+        raise CLIError(f"{flag} {value}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CLIError(f"{flag} {value}: no permission to write there")
+    fmt = _pil_format(path)
+    if fmt is None:
+        shown = path.suffix or "(no extension)"
+        raise CLIError(f"{flag} {value}: cannot write {shown} images; use an image extension such as .png or .jpg")
+    return OutputFile(folder / path.name, fmt)
+
+
+def _check_text(flag: str, text: str | None) -> None:
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CLIError(f"{flag} is not valid UTF-8 text (check the terminal's or script's encoding)") from None
+
+
+def _looks_local(model: str) -> bool:
+    """A filesystem path rather than a hub id ("owner/name" or "name")."""
+    return model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1 or os.path.exists(model)
+
+
+def check_model(model: str) -> None:
+    """A local model folder must exist and hold `model_index.json`; hub ids are checked when loading."""
+    if model in TINY_MODELS or not _looks_local(model):
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise CLIError(f"--model {model}: no such folder")
+    if not (path / "model_index.json").is_file():
+        raise CLIError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
+
+
+def check_args(args: argparse.Namespace) -> tuple[OutputFile, OutputFile | None]:
+    """Every check that needs neither torch nor the model. Returns the output files."""
+    _check_text("--prompt", args.prompt)
+    _check_text("--negative-prompt", args.negative_prompt)
+    check_model(args.model)
+    out = check_output("--out", args.out)
+    maps = check_output("--maps", args.maps) if args.maps is not None else None
+    if maps is not None:
+        if maps.path == out.path:
+            raise CLIError(f"--out and --maps name the same file ({out.path}); the maps would replace the image")
+        if get_method(args.segmentor).segmentor is None or args.guidance_scale <= 1:
+            raise CLIError("--maps needs segmentation: a segmentor other than cfg/none and --guidance-scale > 1")
+    return out, maps
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device}: not a torch device name (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available on this machine")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _load(model: str, dtype, device: str):
+    """Load the pipeline; a model that cannot be found or read becomes one CLIError line."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from .loading import load_pipeline
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # hub look-up chatter would break the one-line error
+    try:
+        return load_pipeline(model, torch_dtype=dtype, device=device)
+    except ValueError as err:  # a diffusers pipeline of a kind with no SCFG pipeline
+        raise CLIError(f"--model {model}: {err}") from err
+    except OSError as err:
+        if _offline() and not _looks_local(model):
+            raise CLIError(
+                f"--model {model}: not in the local Hugging Face cache, and downloads are off (HF_HUB_OFFLINE=1)"
+            ) from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"--model {model}: cannot be loaded: {first}") from err
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def _write_atomically(target: OutputFile, image) -> None:
+    """Save `image` next to the target under a temporary name, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=target.path.parent, prefix=f".{target.path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=target.format)
+        os.replace(tmp, target.path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _maps_picture(image, step_maps):
+    """The maps figure rendered to a PIL image (so that any PIL format can be written)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from .viz import plot_step_maps
+
+    fig = plot_step_maps(image, step_maps)
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
 def generate(args: argparse.Namespace) -> None:
-    from .loading import load_pipeline, native_size, swap_scheduler
-    from .viz import save_step_maps
+    out, maps = check_args(args)
+    import torch
+
+    from .loading import native_size, swap_scheduler
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    pipe = load_pipeline(args.model, torch_dtype=dtype, device=device)
+    _check_device(device)
+    dtype = torch_dtype(args.dtype or "auto", torch.device(device).type)
+    pipe = _load(args.model, dtype, device)
     swap_scheduler(pipe, args.scheduler)
     default_h, default_w = native_size(pipe)
-    height, width = args.height or default_h, args.width or default_w
-    segmentor = {"none": None, "goca-vanilla": "goca"}.get(args.segmentor, args.segmentor)
-    goca_config = GoCAConfig.vanilla() if args.segmentor == "goca-vanilla" else GoCAConfig()
-    out = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=height,
-        width=width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
-        segmentor=segmentor,
-        scfg_config=SCFGConfig(),
-        goca_config=goca_config,
-        return_maps=args.maps is not None,
-    )
-    image = out.images[0]
-    image.save(args.out)
-    print(f"wrote {args.out}")
-    if args.maps is not None:
-        if not out.maps:
-            print("no maps: segmentation is off (segmentor none or guidance scale <= 1)", file=sys.stderr)
-            raise SystemExit(2)
-        save_step_maps(args.maps, image, out.maps[-1])
-        print(f"wrote {args.maps}")
+    method = get_method(args.segmentor)
+    kwargs = method.pipeline_kwargs()
+    try:
+        result = pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            height=args.height or default_h,
+            width=args.width or default_w,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            generator=torch.Generator(device="cpu").manual_seed(args.seed),
+            return_maps=maps is not None,
+            **kwargs,
+        )
+    except (ValueError, TypeError) as err:  # the pipeline's own input checks
+        raise CLIError(str(err)) from err
+    image = result.images[0]
+    picture = None
+    if maps is not None:
+        if not result.maps:
+            raise CLIError("no maps: nothing was segmented (see the warnings above)")
+        picture = _maps_picture(image, result.maps[-1])
+    _write_atomically(out, image)
+    print(f"wrote {out.path}")
+    if picture is not None:
+        _write_atomically(maps, picture)
+        print(f"wrote {maps.path}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.command == "generate":
-        generate(args)
+    try:
+        if args.command == "generate":
+            generate(args)
+    except CLIError as err:
+        if args.debug:
+            raise
+        _say_error(str(err))
+        raise SystemExit(USAGE_ERROR) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
+        if args.debug:
+            raise
+        _say_error(f"{type(err).__name__}: {err} (run with --debug for the traceback)")
+        raise SystemExit(RUN_ERROR) from None
 
 
 if __name__ == "__main__":

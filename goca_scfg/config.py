@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses for S-CFG guidance and GoCA segmentation, with named presets.
 
-Defaults are the constants of the authors' released code (ALGORITHM.md §1, §2.9); each cites its source.
+Defaults are the constants of the authors' released code (algorithm.md §1, §2.9); each cites its source.
 Configs are inputs only: nothing in the library mutates them (derive variants with `dataclasses.replace`).
 """
 
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from typing import Literal
+
+from .checks import check_bool, check_float, check_int, check_name, check_names
 
 SSGCVariant = Literal["official", "paper"]
 HeadMethod = Literal["dot", "average"]
@@ -18,13 +20,25 @@ TokenSet = Literal["caption", "content"]
 
 def _check_choice(obj: object, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(obj, name)
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{type(obj).__name__}.{name}={value!r} is not one of {allowed}")
+
+
+def _field(obj: object, name: str) -> str:
+    """'Class.field', the name every config error carries."""
+    return f"{type(obj).__name__}.{name}"
+
+
+def _set_names(obj: object, name: str) -> None:
+    """Check a layer-name tuple field (None allowed) and store a list given for it as a tuple."""
+    value = getattr(obj, name)
+    if value is not None:
+        object.__setattr__(obj, name, check_names(_field(obj, name), value))
 
 
 @dataclass(frozen=True)
 class SCFGConfig:
-    """Per-region guidance (S-CFG rate, ALGORITHM §1.4) and the official S-CFG segmentation (§1.3).
+    """Per-region guidance (S-CFG rate, algorithm.md §1.4) and the official S-CFG segmentation (§1.3).
 
     The rate fields are used by every segmentor; `ssgc`, `ratios` and `smooth_maps` only by `segmentor="scfg"`.
     """
@@ -40,15 +54,22 @@ class SCFGConfig:
     norm_eps: float = 1e-8  # SCFG sd/utils.py L254: per-token spatial mean normalisation
 
     def __post_init__(self) -> None:
+        for name in ("rate_min", "rate_max", "cap_numerator", "region_eps", "norm_eps"):
+            check_float(_field(self, name), getattr(self, name), above=0)
+        if self.rate_min > self.rate_max:
+            raise ValueError(f"SCFGConfig.rate_min={self.rate_min} must be <= SCFGConfig.rate_max={self.rate_max}")
+        for name in ("smooth_rate", "smooth_maps"):
+            check_bool(_field(self, name), getattr(self, name))
         _check_choice(self, "ssgc", ("official", "paper"))
-        if not self.ratios or any(int(r) != r or r < 1 or (r & (r - 1)) for r in self.ratios):
-            raise ValueError(f"SCFGConfig.ratios={self.ratios!r} must be non-empty powers of two (e.g. (4, 8))")
-        if tuple(sorted(self.ratios)) != tuple(self.ratios):
-            raise ValueError(f"SCFGConfig.ratios={self.ratios!r} must be increasing; masks use the first")
-        if not 0 < self.rate_min <= self.rate_max:
-            raise ValueError(f"need 0 < rate_min <= rate_max, got {self.rate_min}, {self.rate_max}")
-        if self.cap_numerator <= 0:
-            raise ValueError(f"SCFGConfig.cap_numerator must be > 0, got {self.cap_numerator}")
+        if isinstance(self.ratios, list):
+            object.__setattr__(self, "ratios", tuple(self.ratios))
+        if not isinstance(self.ratios, tuple) or not self.ratios:
+            raise TypeError(f"SCFGConfig.ratios must be a non-empty tuple of ints (e.g. (4, 8)), got {self.ratios!r}")
+        for i, r in enumerate(self.ratios):
+            if check_int(f"SCFGConfig.ratios[{i}]", r, minimum=1) & (r - 1):
+                raise ValueError(f"SCFGConfig.ratios={self.ratios!r} must be powers of two (e.g. (4, 8))")
+        if tuple(sorted(set(self.ratios))) != self.ratios:
+            raise ValueError(f"SCFGConfig.ratios={self.ratios!r} must be strictly increasing; masks use the first")
 
     @classmethod
     def official(cls) -> SCFGConfig:
@@ -63,7 +84,7 @@ class SCFGConfig:
 
 @dataclass(frozen=True)
 class GoCAConfig:
-    """GoCA segmentation inside S-CFG (ALGORITHM §2); `GoCAConfig()` is the released `config_model_15.py`.
+    """GoCA segmentation inside S-CFG (algorithm.md §2); `GoCAConfig()` is the released `config_model_15.py`.
 
     Layer names are diffusers module or block prefixes (`up_blocks.2.attentions.1`,
     `…attentions.0.transformer_blocks.1`); `None` takes the authors' choice for a recognised architecture or a
@@ -84,7 +105,7 @@ class GoCAConfig:
     blur_kernel: int = 5  # u15 L337-339: torchvision gaussian_blur kernel 5
     blur_sigma: float = 1.1  # 0.3 * ((5 - 1) / 2 - 1) + 0.8, torchvision's default for kernel 5
     fg_threshold: float = 0.5  # u15 L421, L431-434: fg = [s < 0.5]
-    eps: float = 1e-12  # guards divisions the released code leaves unguarded (ALGORITHM §5.14)
+    eps: float = 1e-12  # guards divisions the released code leaves unguarded (algorithm.md §5.14)
     layer_refresh: int = 1  # fast mode: recompute layer weights every k steps (1 = every step, exact)
     layer_query_stride: int = 1  # fast mode: similarity on every k-th dense query row (1 = all rows, exact)
 
@@ -93,14 +114,20 @@ class GoCAConfig:
         _check_choice(self, "layer", ("similarity", "average"))
         _check_choice(self, "rescale", ("sum1", "none"))
         _check_choice(self, "tokens", ("caption", "content"))
-        for name in ("propagation_order", "layer_refresh", "layer_query_stride"):
-            value = getattr(self, name)
-            if value is None and name == "propagation_order":
-                continue
-            if int(value) != value or value < (0 if name == "propagation_order" else 1):
-                raise ValueError(f"GoCAConfig.{name}={value!r} must be a whole number >= 1 (order: >= 0)")
-        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
-            raise ValueError(f"GoCAConfig.blur_kernel={self.blur_kernel} must be odd and positive")
+        if self.propagation_order is not None:  # None: the model's order (algorithm.md §8)
+            check_int(_field(self, "propagation_order"), self.propagation_order, minimum=0)
+        for name in ("layer_refresh", "layer_query_stride"):
+            check_int(_field(self, name), getattr(self, name), minimum=1)
+        if check_int(_field(self, "blur_kernel"), self.blur_kernel, minimum=1) % 2 == 0:
+            raise ValueError(f"GoCAConfig.blur_kernel={self.blur_kernel} must be odd")
+        check_float(_field(self, "blur_sigma"), self.blur_sigma, above=0)
+        check_float(_field(self, "fg_threshold"), self.fg_threshold, above=0, below=1)
+        check_float(_field(self, "eps"), self.eps, above=0)
+        if self.dense_layer is not None:
+            check_name(_field(self, "dense_layer"), self.dense_layer)
+        for name in ("self_layers", "cross_layers"):
+            _set_names(self, name)
+        # With propagation_order=0 no self-attention is used, so any self_layers (even empty) is accepted.
         if self.self_layers is not None and not self.self_layers and self.propagation_order != 0:
             raise ValueError("GoCAConfig.self_layers is empty but propagation is on (set propagation_order=0)")
         if self.cross_layers is not None and not self.cross_layers:

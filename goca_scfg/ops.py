@@ -12,7 +12,7 @@ from torch import Tensor
 
 
 def scfg_blur_taps(sigma: float = 0.5, size: int = 3) -> Tensor:
-    """1-D taps of S-CFG's smoothing kernel exp(-((x-μ)/(2σ))²), normalised (ALGORITHM §1.3 step 4, §5.3).
+    """1-D taps of S-CFG's smoothing kernel exp(-((x-μ)/(2σ))²), normalised (algorithm.md §1.3 step 4, §5.3).
 
     Deviation: none; the (x-μ)/(2σ) quirk (σ_eff = √2·σ) is kept. For σ=0.5: [0.211942, 0.576117, 0.211942].
     """
@@ -22,14 +22,14 @@ def scfg_blur_taps(sigma: float = 0.5, size: int = 3) -> Tensor:
 
 
 def gaussian_taps(kernel_size: int, sigma: float) -> Tensor:
-    """1-D Gaussian taps exp(-x²/(2σ²)), normalised, as torchvision's `gaussian_blur` (ALGORITHM §2.5 step 2)."""
+    """1-D Gaussian taps exp(-x²/(2σ²)), normalised, as torchvision's `gaussian_blur` (algorithm.md §2.5 step 2)."""
     x = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
     taps = torch.exp(-0.5 * (x / sigma) ** 2)
     return (taps / taps.sum()).float()
 
 
 def smooth(x: Tensor, taps: Tensor) -> Tensor:
-    """Separable blur of every channel with `taps`⊗`taps`, reflect padding (ALGORITHM §1.3 step 4, §2.5 step 2).
+    """Separable blur of every channel with `taps`⊗`taps`, reflect padding (algorithm.md §1.3 step 4, §2.5 step 2).
 
     x: (B, C, h, w); returns fp32 of the same shape.
     Deviation: where a map is too small for reflect padding (side <= radius), replicate padding is used.
@@ -49,7 +49,7 @@ def smooth(x: Tensor, taps: Tensor) -> Tensor:
 
 
 def minmax_per_token(x: Tensor, eps: float) -> Tensor:
-    """Per-channel min–max over the spatial grid to [0, 1] (ALGORITHM §2.5 step 3, paper Eq. 12).
+    """Per-channel min–max over the spatial grid to [0, 1] (algorithm.md §2.5 step 3, paper Eq. 12).
 
     x: (B, T, h, w). Deviation: the range is floored at `eps` (the released code divides by it unguarded), so a
     constant map becomes 0 instead of NaN.
@@ -79,7 +79,7 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
 
 
 def split_cfg(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Split a CFG batch into (uncond, cond) halves: the batch order is [uncond, cond] (ALGORITHM §0)."""
+    """Split a CFG batch into (uncond, cond) halves: the batch order is [uncond, cond] (algorithm.md §0)."""
     if x.shape[0] % 2:
         raise ValueError(f"a CFG batch has an even leading size, got {tuple(x.shape)}")
     uncond, cond = x.chunk(2)

@@ -1,4 +1,4 @@
-"""Which prompt positions are `<sos>`, caption tokens or end/padding (ALGORITHM §2.5, §6 item 20).
+"""Which prompt positions are `<sos>`, caption tokens or end/padding (algorithm.md §2.5, §6 item 20).
 
 Works on token ids only (no tokenizer), so it serves any CLIP-style tokenizer: the caption is everything between
 the first position and the first end-of-text id, which holds whether padding uses the EOS id (SD 1.x) or not.
@@ -22,7 +22,7 @@ STOP_WORDS: tuple[str, ...] = (
 
 
 def caption_token_mask(input_ids: Tensor, eos_id: int) -> Tensor:
-    """Caption positions J = {1, …, n} per prompt (ALGORITHM §2.5): after `<sos>`, before the first EOS.
+    """Caption positions J = {1, …, n} per prompt (algorithm.md §2.5): after `<sos>`, before the first EOS.
 
     input_ids: (B, T) padded ids with `<sos>` at 0. Returns (B, T) bool. A caption truncated by the tokenizer
     (no EOS inside the window would be unusual, CLIP keeps one) still yields J = {1, …, T-2}.

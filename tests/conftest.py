@@ -1,4 +1,4 @@
-"""Test hygiene: offline hub, one torch thread (ENVIRONMENT.md), shared tiny fixtures."""
+"""Test hygiene: offline hub, one torch thread (fast and deterministic on 2 cores), shared tiny fixtures."""
 
 import os
 

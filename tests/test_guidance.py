@@ -1,4 +1,4 @@
-"""ALGORITHM §6 properties 1–5 of the S-CFG rate and combination, on random tensors."""
+"""algorithm.md §6 properties 1–5 of the S-CFG rate and combination, on random tensors."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ def _random_masks(b, t, h, w, gen):
 
 
 def _reference_region_rate(norm, masks, fg, eps=1e-8):
-    """Loop form of ALGORITHM §1.4 steps 3–5."""
+    """Loop form of algorithm.md §1.4 steps 3–5."""
     b, t = masks.shape[:2]
     out = torch.zeros_like(norm)
     for i in range(b):

@@ -1,4 +1,5 @@
-"""The import direction of STYLE.md §2: segment/ and guidance.py know no diffusers; the library never imports eval."""
+"""The import direction of the layers (capture → segment → guidance → pipelines): segment/ and guidance.py know
+no diffusers; the library never imports eval."""
 
 import ast
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Shared helpers (blur, min–max, grids) and token classes (ALGORITHM §6 items 5, 17, 20)."""
+"""Shared helpers (blur, min–max, grids) and token classes (algorithm.md §6 items 5, 17, 20)."""
 
 import pytest
 import torch

@@ -82,9 +82,9 @@ def test_batch_equals_single_calls(tiny_components_factory, segmentor):
     """§6.22: B prompts in one call give the images of B separate calls with the same per-image generators.
 
     The UNet itself differs by ~1e-5 between batch sizes (BLAS blocking). The tiny random model's GoCA maps are
-    nearly flat, so min–max turns that into rare near-tie flips: first-step labels and foregrounds must agree on >= 98 % of pixels
-    (3 of 256 flip here), and images closely. Given the same maps, the GoCA maths is exactly per sample
-    (test_segment_goca.py::test_batch_independence_exact).
+    nearly flat, so min–max turns that into rare near-tie flips: first-step labels and foregrounds must agree on
+    >= 98 % of pixels (3 of 256 flip here), and images closely. Given the same maps, the GoCA maths is exactly
+    per sample (test_segment_goca.py::test_batch_independence_exact).
     """
     pipe = _pipe(tiny_components_factory())
     batch = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **_kwargs())

@@ -1,4 +1,4 @@
-"""GoCA segmentation (ALGORITHM §2): fast paths against naive references and §6 properties 11–21."""
+"""GoCA segmentation (algorithm.md §2): fast paths against naive references and §6 properties 11–21."""
 
 from dataclasses import dataclass
 

@@ -1,4 +1,4 @@
-"""Official S-CFG segmentation (ALGORITHM §1.3) against naive twins, and §6 properties 8–10."""
+"""Official S-CFG segmentation (algorithm.md §1.3) against naive twins, and §6 properties 8–10."""
 
 import pytest
 import torch

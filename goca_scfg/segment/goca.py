@@ -1,9 +1,9 @@
-"""GoCA segmentation inside S-CFG (ALGORITHM §2): head-wise and layer-wise auto aggregation of the cross maps,
+"""GoCA segmentation inside S-CFG (algorithm.md §2): head-wise and layer-wise auto aggregation of the cross maps,
 per-pixel rescaling over the caption tokens, self-attention propagation, region masks and the `<sos>` foreground.
 
 Pure tensor functions in fp32; `goca_segment` wires them over one UNet call, `goca_layers` picks the layers of a
 model layout and `GoCASegmentor` runs it at every denoising step. Every sample of the batch is segmented
-from its own prompt (the released code handles batch 1 only). Exact shortcuts of ALGORITHM §4.3 are used: head
+from its own prompt (the released code handles batch 1 only). Exact shortcuts of algorithm.md §4.3 are used: head
 weights without a per-head (H, N, C) stack, the pseudo self-attention once per call, even query rows + 2×2 key
 pooling for latent-resolution self maps, and S·X as fused attention with the maps as values.
 """
@@ -41,7 +41,7 @@ _CHUNK_ELEMENTS = 2**25  # fp32 elements (128 MiB) per temporary in the chunked 
 
 
 def head_weights_dot_product(out_heads: Tensor, w_out: Tensor, heads: int, eps: float) -> Tensor:
-    """w_h(p) = ⟨u_h(p), s(p)⟩ / Σ_h' ⟨u_h'(p), s(p)⟩ with u_h = o_h·W_h, s = Σ_h u_h (ALGORITHM §2.3, §4.3).
+    """w_h(p) = ⟨u_h(p), s(p)⟩ / Σ_h' ⟨u_h'(p), s(p)⟩ with u_h = o_h·W_h, s = Σ_h u_h (algorithm.md §2.3, §4.3).
 
     out_heads: (B, N, C) per-head outputs before the out-projection; w_out: (C_out, C). Returns (B, H, N); weights
     sum to 1 per pixel and may be negative. Computed as ⟨o_h, (s·W_o)_h⟩, no (H, N, C) stack.
@@ -58,17 +58,17 @@ def head_weights_dot_product(out_heads: Tensor, w_out: Tensor, heads: int, eps: 
 
 
 def head_weights_average(batch: int, heads: int, n: int, device: torch.device | str = "cpu") -> Tensor:
-    """w_h(p) = 1/H, the vanilla head aggregation (ALGORITHM §2.3 'average'). Returns (B, H, N)."""
+    """w_h(p) = 1/H, the vanilla head aggregation (algorithm.md §2.3 'average'). Returns (B, H, N)."""
     return torch.full((batch, heads, n), 1.0 / heads, device=device)
 
 
 def aggregate_heads(probs: Tensor, weights: Tensor) -> Tensor:
-    """A(p, t) = Σ_h w_h(p)·P_h(p, t) (ALGORITHM §2.3). probs: (B, H, N, T); weights: (B, H, N) → (B, N, T)."""
+    """A(p, t) = Σ_h w_h(p)·P_h(p, t) (algorithm.md §2.3). probs: (B, H, N, T); weights: (B, H, N) → (B, N, T)."""
     return torch.einsum("bhnt,bhn->bnt", probs.float(), weights.float())
 
 
 def goca_head_aggregate(probs: Tensor, out_heads: Tensor, w_out: Tensor, config: GoCAConfig) -> Tensor:
-    """One block's head-aggregated cross map A_ℓ (B, N, T) by the configured head method (ALGORITHM §2.3).
+    """One block's head-aggregated cross map A_ℓ (B, N, T) by the configured head method (algorithm.md §2.3).
 
     probs: (B, H, N, T) per-head cross probabilities; out_heads: (B, N, C); w_out: (C_out, C).
     """
@@ -84,7 +84,7 @@ def goca_head_aggregate(probs: Tensor, out_heads: Tensor, w_out: Tensor, config:
 
 
 def pseudo_self_attention(dense: Tensor, query_stride: int = 1) -> Tensor:
-    """P = softmax_row(F Fᵀ/√C) from the dense feature, all channels as one head (ALGORITHM §2.4 step 1).
+    """P = softmax_row(F Fᵀ/√C) from the dense feature, all channels as one head (algorithm.md §2.4 step 1).
 
     dense: (B, Nd, C) → (B, Nd', Nd) with the query rows 0, k, 2k, … when `query_stride` = k (fast mode).
     """
@@ -93,7 +93,7 @@ def pseudo_self_attention(dense: Tensor, query_stride: int = 1) -> Tensor:
 
 
 def resize_self_map(attn_self: Tensor, hw: tuple[int, int], dense_hw: tuple[int, int]) -> Tensor:
-    """T̃: resize key dims bilinearly, then query dims by nearest, to the dense grid (ALGORITHM §2.4 step 3).
+    """T̃: resize key dims bilinearly, then query dims by nearest, to the dense grid (algorithm.md §2.4 step 3).
 
     attn_self: (B, N, N) head-mean self map on grid `hw` → (B, Nd, Nd). The naive 4-D form; exact for any sizes.
     """
@@ -116,7 +116,7 @@ def layer_similarity(
     query_stride: int = 1,
     self_map: Tensor | None = None,
 ) -> Tensor:
-    """s_ℓ = Σ_{p,k} P(p,k)·T̃_ℓ(p,k) per sample (ALGORITHM §2.4 steps 2–4), without N×N maps at latent size.
+    """s_ℓ = Σ_{p,k} P(p,k)·T̃_ℓ(p,k) per sample (algorithm.md §2.4 steps 2–4), without N×N maps at latent size.
 
     pseudo: (B, Nd', Nd) from `pseudo_self_attention` with the same `query_stride`; self_q, self_k: (B, N, C) of
     the block's attn1 (self_q may already hold only the even rows). The dense grid itself (no resize) and a grid
@@ -153,7 +153,7 @@ def even_query_rows(q: Tensor, hw: tuple[int, int]) -> Tensor:
 
 
 def layer_weights_similarity(sims: Tensor, eps: float) -> Tensor:
-    """w_ℓ = max(s_ℓ, 0) / Σ_ℓ' max(s_ℓ', 0) (ALGORITHM §2.4 step 5). sims: (B, L) → (B, L).
+    """w_ℓ = max(s_ℓ, 0) / Σ_ℓ' max(s_ℓ', 0) (algorithm.md §2.4 step 5). sims: (B, L) → (B, L).
 
     Deviation: the denominator is floored at `eps` (unguarded in the released code).
     """
@@ -162,7 +162,7 @@ def layer_weights_similarity(sims: Tensor, eps: float) -> Tensor:
 
 
 def aggregate_layers(maps: list[Tensor], weights: Tensor, latent_hw: tuple[int, int], eps: float) -> Tensor:
-    """G = renorm_tokens(relu(Σ_ℓ w_ℓ·bilinear_to_latent(A_ℓ))) (ALGORITHM §2.4 step 6).
+    """G = renorm_tokens(relu(Σ_ℓ w_ℓ·bilinear_to_latent(A_ℓ))) (algorithm.md §2.4 step 6).
 
     maps: per layer (B, T, h, w); weights: (B, L). Returns (B, T, H, W), ≥ 0, summing to 1 over tokens.
     Layers of one grid are weighted and summed before a single resize (the resize is linear: equal up to rounding).
@@ -183,7 +183,7 @@ def aggregate_layers(maps: list[Tensor], weights: Tensor, latent_hw: tuple[int, 
 
 
 def rescale_sum_one(agg: Tensor, rescale_tokens: Tensor, eps: float) -> Tensor:
-    """R(p, t) = G(p, t) / Σ_{j∈J} G(p, j) for all t (ALGORITHM §2.5 step 1, paper Eq. 11).
+    """R(p, t) = G(p, t) / Σ_{j∈J} G(p, j) for all t (algorithm.md §2.5 step 1, paper Eq. 11).
 
     agg: (B, T, H, W); rescale_tokens: (B, T) bool J. Deviation: the factor is floored at `eps` (unguarded in the
     released code, and an empty caption makes it 0).
@@ -193,7 +193,7 @@ def rescale_sum_one(agg: Tensor, rescale_tokens: Tensor, eps: float) -> Tensor:
 
 
 def renorm_per_token(maps: Tensor, taps: Tensor, eps: float) -> Tensor:
-    """Per-token blur (k=5, σ=1.1, reflect) then min–max to [0, 1] ("renorm+", ALGORITHM §2.5 steps 2–3, Eq. 12)."""
+    """Per-token blur (k=5, σ=1.1, reflect) then min–max to [0, 1] ("renorm+", algorithm.md §2.5 steps 2–3, Eq. 12)."""
     return minmax_per_token(smooth(maps, taps), eps)
 
 
@@ -203,7 +203,7 @@ def renorm_per_token(maps: Tensor, taps: Tensor, eps: float) -> Tensor:
 def propagate_self_attention(
     maps: Tensor, queries: list[Tensor], keys: list[Tensor], heads: list[int], scales: list[float], order: int
 ) -> Tensor:
-    """C ← S^order·C with S = mean over blocks and heads of softmax(Q Kᵀ·scale) (ALGORITHM §2.6, §4.3).
+    """C ← S^order·C with S = mean over blocks and heads of softmax(Q Kᵀ·scale) (algorithm.md §2.6, §4.3).
 
     maps: (B, T, H, W); queries/keys: per block (B, N, C) at the maps' grid (N = H·W). S is never formed: each
     product is a fused attention call with the maps as values. Head sizes are zero-padded to multiples of 8 (q/k to
@@ -233,7 +233,7 @@ def propagate_self_attention(
 
 
 def goca_region_masks(pos: Tensor, live_tokens: Tensor) -> Tensor:
-    """M_t = [pos_t is the max over tokens] after zeroing pads t >= n+1; `<sos>` competes (ALGORITHM §2.7).
+    """M_t = [pos_t is the max over tokens] after zeroing pads t >= n+1; `<sos>` competes (algorithm.md §2.7).
 
     pos: (B, T, H, W) in [0, 1]; live_tokens: (B, T) bool (`<sos>` + caption). Ties give several ones (§5.4).
     """
@@ -242,7 +242,7 @@ def goca_region_masks(pos: Tensor, live_tokens: Tensor) -> Tensor:
 
 
 def foreground_from_sos(sos: Tensor, threshold: float = 0.5) -> Tensor:
-    """fg(p) = [s(p) < threshold] for the processed uncond `<sos>` map s (ALGORITHM §2.7). (B,1,H,W) → float."""
+    """fg(p) = [s(p) < threshold] for the processed uncond `<sos>` map s (algorithm.md §2.7). (B,1,H,W) → float."""
     return (sos < threshold).float()
 
 
@@ -267,7 +267,7 @@ class CrossLayerInputs:
 @dataclass(frozen=True)
 class PropagationInputs:
     """Cond-half queries and keys (B, N, C) of the propagation blocks at the segmentation grid, and the order
-    (ALGORITHM §2.6; 0 turns propagation off)."""
+    (algorithm.md §2.6; 0 turns propagation off)."""
 
     queries: list[Tensor]
     keys: list[Tensor]
@@ -279,7 +279,7 @@ class PropagationInputs:
 def goca_layer_weights(
     layers: list[CrossLayerInputs], dense: Tensor, dense_hw: tuple[int, int], config: GoCAConfig
 ) -> Tensor:
-    """Layer weights (2B, L) by the configured method (ALGORITHM §2.4 steps 1–5; 'average' gives 1/L)."""
+    """Layer weights (2B, L) by the configured method (algorithm.md §2.4 steps 1–5; 'average' gives 1/L)."""
     batch = layers[0].attn_cross.shape[0]
     if config.layer == "average":
         return torch.full((batch, len(layers)), 1.0 / len(layers), device=layers[0].attn_cross.device)

@@ -1,4 +1,4 @@
-"""Official S-CFG segmentation (ALGORITHM §1.3): low-resolution head-mean maps, SSGC refinement, 3×3 smoothing,
+"""Official S-CFG segmentation (algorithm.md §1.3): low-resolution head-mean maps, SSGC refinement, 3×3 smoothing,
 per-token mean normalisation, 77-token argmax regions (cond half) and the `<sos>`-vs-rest foreground (uncond half).
 
 Pure tensor functions; `scfg_segment` wires them over the maps of one UNet call, and `SCFGSegmentor` picks the
@@ -22,7 +22,7 @@ from .base import CapturePlan, SegmentationContext, Segmentor
 
 
 def ssgc_refine(attn_self: Tensor, attn_cross: Tensor, variant: str = "official") -> Tensor:
-    """S̃·A with S-CFG's self-attention refinement (ALGORITHM §1.3 steps 1–2, §5.1).
+    """S̃·A with S-CFG's self-attention refinement (algorithm.md §1.3 steps 1–2, §5.1).
 
     attn_self: (B, N, N) rows sum to 1; attn_cross: (B, N, T). Returns (B, N, T); rows still sum to 1.
     "official" is (S + 3·S²)/4 as the released code computes; "paper" is the mean of S, S², S³, S⁴.
@@ -39,17 +39,17 @@ def ssgc_refine(attn_self: Tensor, attn_cross: Tensor, variant: str = "official"
 
 
 def normalize_by_spatial_mean(maps: Tensor, eps: float) -> Tensor:
-    """A_t / (mean_{h,w} A_t + eps) per channel (ALGORITHM §1.3 steps 5–6). maps: (B, C, h, w)."""
+    """A_t / (mean_{h,w} A_t + eps) per channel (algorithm.md §1.3 steps 5–6). maps: (B, C, h, w)."""
     return maps / (maps.mean(dim=(-2, -1), keepdim=True) + eps)
 
 
 def foreground_pair(maps: Tensor) -> Tensor:
-    """(f₀, f₁) = (`<sos>` map, sum of all other tokens) (ALGORITHM §1.3 step 6). maps: (B, T, h, w) → (B, 2, h, w)."""
+    """(f₀, f₁) = (`<sos>` map, sum of the other tokens) (algorithm.md §1.3 step 6). (B, T, h, w) → (B, 2, h, w)."""
     return torch.cat([maps[:, :1], maps[:, 1:].sum(dim=1, keepdim=True)], dim=1)
 
 
 def token_region_masks(scores: Tensor) -> Tensor:
-    """M_t(p) = [score_t(p) is the max over all T tokens] (ALGORITHM §1.3 step 9; ties give several ones, §5.4).
+    """M_t(p) = [score_t(p) is the max over all T tokens] (algorithm.md §1.3 step 9; ties give several ones, §5.4).
 
     scores: (B, T, h, w) → float {0, 1} masks of the same shape.
     """
@@ -57,7 +57,7 @@ def token_region_masks(scores: Tensor) -> Tensor:
 
 
 def foreground_mask(pair: Tensor) -> Tensor:
-    """fg = 1 − [f̄₀ is the max of (f̄₀, f̄₁)] = [f̄₁ > f̄₀] (ALGORITHM §1.3 step 10). pair: (B, 2, h, w) → (B, 1, h, w)."""
+    """fg = 1 − [f̄₀ is the max of (f̄₀, f̄₁)] = [f̄₁ > f̄₀] (algorithm.md §1.3 step 10). (B, 2, h, w) → (B, 1, h, w)."""
     return (pair[:, 1:2] > pair[:, 0:1]).float()
 
 
@@ -73,7 +73,7 @@ class SCFGMapPair:
 def scfg_segment(
     maps: list[SCFGMapPair], mask_hw: tuple[int, int], latent_hw: tuple[int, int], config: SCFGConfig
 ) -> tuple[Tensor, Tensor]:
-    """Official S-CFG masks from the watched blocks of one UNet call (ALGORITHM §1.3, pseudocode §1.5).
+    """Official S-CFG masks from the watched blocks of one UNet call (algorithm.md §1.3, pseudocode §1.5).
 
     maps: blocks at the ratios of `config.ratios`, both CFG halves; mask_hw: grid of the first ratio (16×16 at
     512 px). Returns masks (B, T, H, W) and fg (B, 1, H, W) at latent size (nearest up-sampling, §1.4 step 1).
