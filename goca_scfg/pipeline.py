@@ -226,6 +226,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             scfg_config=scfg_config,
             return_maps=return_maps,
             batch_size=batch_size * num_images_per_prompt,
+            negative_prompt_embeds=negative_prompt_embeds,
         )
         capture = capture_attention(self.unet, guide.requests, guide.reducers) if guide is not None else nullcontext()
 

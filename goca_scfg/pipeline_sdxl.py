@@ -327,6 +327,7 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
             scfg_config=scfg_config,
             return_maps=return_maps,
             batch_size=batch_size * num_images_per_prompt,
+            negative_prompt_embeds=negative_prompt_embeds,
         )
         capture = capture_attention(self.unet, guide.requests, guide.reducers) if guide is not None else nullcontext()
         with capture as record, self.progress_bar(total=num_inference_steps) as progress_bar:  # [S-CFG] capture

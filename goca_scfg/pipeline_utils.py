@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from diffusers.loaders import TextualInversionLoaderMixin
 
 from .config import GoCAConfig, SCFGConfig
@@ -65,10 +66,13 @@ class SCFGPipelineMixin:
         goca_config: GoCAConfig | None = None,
         return_maps: bool = False,
         batch_size: int | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> SpatialGuidance:
         """Plan one call's segmentation: the segmentor object, its layers on this denoiser and the token classes.
 
         batch_size: images per call (one CFG half); defaults to the prompt count times `num_images_per_prompt`.
+        negative_prompt_embeds: the uncond condition, one row per image: all-zero rows (SDXL's empty negative
+        prompt) take the foreground from the cond branch (algorithm.md §8.2).
         """
         seg = make_segmentor(segmentor, scfg_config, goca_config)
         if seg is None:
@@ -80,7 +84,10 @@ class SCFGPipelineMixin:
             if tokens is None:
                 raise ValueError("spatial_guidance needs `prompt` or `batch_size`")
             batch_size = tokens.ids.shape[0]
-        context = SegmentationContext(layout, latent_hw, batch_size, tokens)
+        blank = None
+        if negative_prompt_embeds is not None:
+            blank = negative_prompt_embeds.flatten(1).abs().amax(dim=1) == 0
+        context = SegmentationContext(layout, latent_hw, batch_size, tokens, blank)
         return SpatialGuidance(seg, context, scfg_config or SCFGConfig(), return_maps=return_maps)
 
     def start_spatial_guidance(self, segmentor: Segmentor | None, **kwargs) -> SpatialGuidance | None:

@@ -251,3 +251,17 @@ def tiny_xl_pipeline(seed: int = 0, scheduler: str = "euler", torch_dtype: torch
         pipe = pipe.to(dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# diffusers' StableDiffusionPipeline fast-test UNet (tests/pipelines/stable_diffusion/test_stable_diffusion.py)
+DIFFUSERS_TEST_UNET = dict(  # 2 levels, cross-attention only at latent/2
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    norm_num_groups=2,
+)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ..capture import AttentionRecord, Field, Reduce
@@ -22,12 +23,22 @@ from ..tokens import PromptTokens
 @dataclass(frozen=True)
 class SegmentationContext:
     """What one pipeline call tells its segmentor: the denoiser's layout, the latent (h, w), the batch size B
-    (images per call, one CFG half) and the cond prompts' token classes (None when only embeddings were given)."""
+    (images per call, one CFG half), the cond prompts' token classes (None when only embeddings were given) and,
+    per image, whether the uncond text condition is blank (all-zero embeddings, SDXL's default for an empty
+    negative prompt): its cross-attention is then exactly uniform and says nothing about the foreground, which is
+    taken from the cond branch instead (algorithm.md §8.2)."""
 
     layout: ModelLayout
     latent_hw: tuple[int, int]
     batch: int
     tokens: PromptTokens | None
+    uncond_blank: Tensor | None = None
+
+    def foreground_from_cond(self) -> Tensor:
+        """(B,) bool: images whose foreground comes from the cond branch's global-token map."""
+        if self.uncond_blank is None:
+            return torch.zeros(self.batch, dtype=torch.bool)
+        return self.uncond_blank.cpu().bool()
 
 
 @dataclass(frozen=True)

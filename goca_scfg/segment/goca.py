@@ -318,11 +318,15 @@ def goca_segment(
     rescale_tokens: Tensor,
     live_tokens: Tensor,
     config: GoCAConfig,
+    fg_from_cond: Tensor | None = None,
+    global_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Masks from G (algorithm.md §2.5–2.7, pseudocode §2.8): rescale + renorm the cond half, propagate both halves
     with the cond S, pads out, argmax regions and the uncond `<sos>` foreground.
 
-    agg: (2B, T, H, W) from `goca_aggregate`; rescale_tokens / live_tokens: (B, T) bool of the cond prompts.
+    agg: (2B, T, H, W) from `goca_aggregate`; rescale_tokens / live_tokens: (B, T) bool of the cond prompts;
+    fg_from_cond: (B,) bool, images whose foreground map is the cond half's global token (`global_index`, default
+    0) instead of the uncond `<sos>` (a blank uncond condition, algorithm.md §8.2).
     Returns masks (B, T, H, W) and fg (B, 1, H, W). Exact pruning (every step after the aggregation is per channel
     and per sample): each sample processes only its channels up to its last live token and channel 0 of its uncond
     half; the rest are the zeros the pad zeroing makes of them. Per sample, so a sample's shapes, and its result,
@@ -338,7 +342,11 @@ def goca_segment(
         pos = g_pos[i : i + 1, :n]
         if config.rescale == "sum1":
             pos = rescale_sum_one(pos, rescale_tokens[i : i + 1, :n], config.eps)
-        both = torch.cat([renorm_per_token(pos, taps, config.eps), g_neg[i : i + 1, :1]], dim=1)
+        sos = g_neg[i : i + 1, :1]
+        if fg_from_cond is not None and bool(fg_from_cond[i]):
+            g = int(global_index[i]) if global_index is not None else 0
+            sos = g_pos[i : i + 1, g : g + 1]
+        both = torch.cat([renorm_per_token(pos, taps, config.eps), sos], dim=1)
         if propagation.order:
             both = propagate_self_attention(
                 both,
@@ -473,6 +481,7 @@ class GoCASegmentor(Segmentor):
         f = self.layers.factor
         self.seg_hw = (-(-self.latent_hw[0] // f), -(-self.latent_hw[1] // f))
         tokens = context.tokens
+        self.fg_from_cond, self.global_index = context.foreground_from_cond(), tokens.global_index
         self.rescale_tokens = tokens.content() if cfg.tokens == "content" else tokens.caption
         self.live_tokens = tokens.live
         self._layer_weights: Tensor | None = None
@@ -542,7 +551,13 @@ class GoCASegmentor(Segmentor):
         device = agg.device
         with record_function("goca_scfg::goca_segment"):
             masks, fg = goca_segment(
-                agg, propagation, self.rescale_tokens.to(device), self.live_tokens.to(device), cfg
+                agg,
+                propagation,
+                self.rescale_tokens.to(device),
+                self.live_tokens.to(device),
+                cfg,
+                self.fg_from_cond,
+                self.global_index,
             )
         return resize_nearest(masks, self.latent_hw), resize_nearest(fg, self.latent_hw)
 

@@ -71,12 +71,17 @@ class SCFGMapPair:
 
 
 def scfg_segment(
-    maps: list[SCFGMapPair], mask_hw: tuple[int, int], latent_hw: tuple[int, int], config: SCFGConfig
+    maps: list[SCFGMapPair],
+    mask_hw: tuple[int, int],
+    latent_hw: tuple[int, int],
+    config: SCFGConfig,
+    fg_from_cond: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Official S-CFG masks from the watched blocks of one UNet call (algorithm.md §1.3, pseudocode §1.5).
 
     maps: blocks at the ratios of `config.ratios`, both CFG halves; mask_hw: grid of the first ratio (16×16 at
-    512 px). Returns masks (B, T, H, W) and fg (B, 1, H, W) at latent size (nearest up-sampling, §1.4 step 1).
+    512 px); fg_from_cond: (B,) bool, images whose foreground pair comes from the cond half (blank uncond).
+    Returns masks (B, T, H, W) and fg (B, 1, H, W) at latent size (nearest up-sampling, §1.4 step 1).
     Deviation: batch of any size (the reference too), maps formed in fp32; fp16 in the released code.
     """
     if not maps:
@@ -100,7 +105,9 @@ def scfg_segment(
         pair_acc = pair_acc + pair.view(len(group), batch, *pair.shape[1:]).sum(0)
     tok_acc, pair_acc = tok_acc / len(maps), pair_acc / len(maps)
     _, tok_cond = split_cfg(tok_acc)
-    pair_uncond, _ = split_cfg(pair_acc)
+    pair_uncond, pair_cond = split_cfg(pair_acc)
+    if fg_from_cond is not None:  # a blank uncond condition: the cond branch's pair (algorithm.md §8.2)
+        pair_uncond = torch.where(fg_from_cond.to(pair_acc.device).view(-1, 1, 1, 1), pair_cond, pair_uncond)
     masks = resize_nearest(token_region_masks(tok_cond), latent_hw)
     fg = resize_nearest(foreground_mask(pair_uncond), latent_hw)
     return masks, fg
@@ -134,6 +141,7 @@ class SCFGSegmentor(Segmentor):
 
     def start(self, context: SegmentationContext) -> CapturePlan:
         self.latent_hw = context.latent_hw
+        self.fg_from_cond = context.foreground_from_cond()
         self.blocks = scfg_layers(context.layout, self.config.ratios)
         names = [x.name for pair in self.blocks for x in pair]
         self.plan = CapturePlan({n: {"q", "k"} for n in names}, {n: HEAD_MEAN for n in names})  # §1.2: head means
@@ -146,4 +154,4 @@ class SCFGSegmentor(Segmentor):
                 attn_cross = self.reduced(record, c.name)
                 hw = grid_shape(attn_cross.shape[1], self.latent_hw)
                 pairs.append(SCFGMapPair(self.reduced(record, s.name), attn_cross, hw))
-            return scfg_segment(pairs, pairs[0].hw, self.latent_hw, self.config)
+            return scfg_segment(pairs, pairs[0].hw, self.latent_hw, self.config, self.fg_from_cond)
