@@ -8,8 +8,6 @@ score` checks that every cell folder of the sweep's manifest is complete and rea
 from __future__ import annotations
 
 import argparse
-import csv
-import io as _stdio
 import logging
 import math
 import os
@@ -149,14 +147,6 @@ def _score_cell(
     return result
 
 
-def _csv_text(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    buffer = _stdio.StringIO(newline="")
-    writer = csv.writer(buffer)
-    writer.writerow(columns)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def score_run(
     run_dir: str | Path,
     fid: FIDSetup | None = None,
@@ -199,10 +189,10 @@ def score_run(
         for image_id, score in result.get("clip_per_image", {}).items():
             per_image_rows.append((cell.method, f"{cell.scale:g}", cell.seed, image_id, score))
     out = run_dir / "metrics" / "scores.csv"
-    io.atomic_write_text(out, _csv_text(SCORE_COLUMNS, rows))
+    io.atomic_write_text(out, io.csv_text(SCORE_COLUMNS, rows))
     if per_image_rows:
         columns = ("method", "scale", "seed", "image_id", "clip")
-        io.atomic_write_text(out.with_name("clip_per_image.csv"), _csv_text(columns, per_image_rows))
+        io.atomic_write_text(out.with_name("clip_per_image.csv"), io.csv_text(columns, per_image_rows))
     return out
 
 
