@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,58 @@ def file_md5(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, streamed in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_digest(paths: Sequence[str | Path], workers: int = 16) -> str:
+    """One sha256 over the ordered per-file sha256 of `paths`: changes when any file changes, is added, removed or
+    reordered. Files are hashed by `workers` threads (hashlib releases the GIL, so reads and hashing overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        digests = list(pool.map(file_sha256, paths, chunksize=64))
+    return hashlib.sha256("\n".join(digests).encode("ascii")).hexdigest()
+
+
+def read_table(path: str | Path, columns: Mapping[str, Callable[[str], Any]]) -> list[dict[str, Any]]:
+    """Rows of a CSV file as dicts of the `columns` converted by their callables (other columns ignored).
+
+    A missing file or column, a row with the wrong number of fields (e.g. a truncated last line) or a value that does
+    not convert raises ValueError naming the file and the line.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file, expected a header with {', '.join(columns)}")
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise ValueError(f"{path}, line 1: the header lacks the columns {missing}")
+        where = {c: header.index(c) for c in columns}
+        rows = []
+        for record in reader:
+            line = reader.line_num
+            if len(record) != len(header):
+                raise ValueError(
+                    f"{path}, line {line}: {len(record)} fields, expected {len(header)} (damaged or truncated file?)"
+                )
+            row = {}
+            for name, convert in columns.items():
+                try:
+                    row[name] = convert(record[where[name]])
+                except ValueError:
+                    raise ValueError(f"{path}, line {line}: bad {name} {record[where[name]]!r}") from None
+            rows.append(row)
+    return rows
 
 
 def package_versions(names: Iterable[str]) -> dict[str, str | None]:

@@ -490,6 +490,18 @@ def assemble_guidance(out: Path, cell: str, groups: int) -> bool:
     return True
 
 
+def read_guidance(out: Path, cell: str, image_ids: Sequence[int]) -> dict[int, float]:
+    """{image_id: effective scale} of a cell's guidance CSV; it must list exactly `image_ids`, in order."""
+    path = guidance_path(out, cell)
+    rows = io.read_table(path, {"image_id": int, "effective_scale": float})
+    found = [r["image_id"] for r in rows]
+    if found != list(image_ids):
+        raise ValueError(
+            f"{path} lists {len(found)} images, not the run's {len(image_ids)} (damaged? rerun the sweep)"
+        )
+    return {r["image_id"]: r["effective_scale"] for r in rows}
+
+
 def group_problems(plan: SweepPlan, work: GroupWork, tag: str) -> dict[Caption, str]:
     """Images of a group that are not finished, with the reason (missing, truncated, other size, other settings…).
 
