@@ -129,8 +129,11 @@ def files_digest(paths: Sequence[str | Path], workers: int = 16) -> str:
     return hashlib.sha256("\n".join(digests).encode("ascii")).hexdigest()
 
 
-def read_table(path: str | Path, columns: Mapping[str, Callable[[str], Any]]) -> list[dict[str, Any]]:
-    """Rows of a CSV file as dicts of the `columns` converted by their callables (other columns ignored).
+def read_table(
+    path: str | Path, columns: Mapping[str, Callable[[str], Any]], optional: Mapping[str, Callable[[str], Any]] = {}
+) -> list[dict[str, Any]]:
+    """Rows of a CSV file as dicts of the `columns` converted by their callables (other columns ignored); `optional`
+    columns are converted when the header has them and are None otherwise.
 
     A missing file or column, a row with the wrong number of fields (e.g. a truncated last line) or a value that does
     not convert raises ValueError naming the file and the line.
@@ -144,7 +147,8 @@ def read_table(path: str | Path, columns: Mapping[str, Callable[[str], Any]]) ->
         missing = [c for c in columns if c not in header]
         if missing:
             raise ValueError(f"{path}, line 1: the header lacks the columns {missing}")
-        where = {c: header.index(c) for c in columns}
+        wanted = {**columns, **{c: f for c, f in optional.items() if c in header}}
+        where = {c: header.index(c) for c in wanted}
         rows = []
         for record in reader:
             line = reader.line_num
@@ -152,8 +156,8 @@ def read_table(path: str | Path, columns: Mapping[str, Callable[[str], Any]]) ->
                 raise ValueError(
                     f"{path}, line {line}: {len(record)} fields, expected {len(header)} (damaged or truncated file?)"
                 )
-            row = {}
-            for name, convert in columns.items():
+            row = dict.fromkeys(optional)
+            for name, convert in wanted.items():
                 try:
                     row[name] = convert(record[where[name]])
                 except ValueError:
