@@ -446,17 +446,19 @@ GUIDANCE_COLUMNS = (
 )
 
 
-def guidance_rows(captions: Sequence[Caption], scale: float, rates: Sequence[Any] | None, steps: int) -> list[tuple]:
+def guidance_rows(
+    captions: Sequence[Caption], scale: float, rates: Sequence[Any] | None, iterations: int
+) -> list[tuple]:
     """Effective guidance of each image of one call (item 9): the mean applied rate r per step over all pixels and over
     the foreground, their means over steps, and the effective scale mean_steps(w·mean(r)).
 
-    `rates` is the pipeline output's `rates` (one `SCFGStepRates` per step), None for plain CFG, where r = 1
-    everywhere and the effective scale is exactly w.
+    `rates` is the pipeline output's `rates` (one `SCFGStepRates` per denoising-loop iteration), None for plain CFG,
+    where r = 1 at each of the `iterations` and the effective scale is exactly w.
     """
     rows = []
     for i, caption in enumerate(captions):
         if rates is None:
-            scales, means, fg = [float(scale)] * steps, [1.0] * steps, [1.0] * steps
+            scales, means, fg = [float(scale)] * iterations, [1.0] * iterations, [1.0] * iterations
         else:
             scales = [float(r.guidance_scale) for r in rates]
             means = [float(r.mean[i]) for r in rates]
@@ -553,7 +555,8 @@ def _generate_group(plan: SweepPlan, pipe: Any, work: GroupWork, tag: str, probl
         if problems.get(caption, "guidance record missing") != "guidance record missing":
             io.atomic_write_bytes(folder / f"{caption.image_id}.png", _png_bytes(image, tag))
             written += 1
-    rows = guidance_rows(work.captions, work.scale, getattr(out, "rates", None), settings.steps)
+    iterations = len(pipe.scheduler.timesteps)  # e.g. PNDM runs steps + 1 iterations
+    rows = guidance_rows(work.captions, work.scale, getattr(out, "rates", None), iterations)
     io.atomic_write_text(guidance_part_path(plan.out, work.cell, work.index), io.csv_text(GUIDANCE_COLUMNS, rows))
     return written
 
