@@ -557,7 +557,9 @@ def _generate_group(plan: SweepPlan, pipe: Any, work: GroupWork, tag: str, probl
             written += 1
     iterations = len(pipe.scheduler.timesteps)  # e.g. PNDM runs steps + 1 iterations
     rows = guidance_rows(work.captions, work.scale, getattr(out, "rates", None), iterations)
-    io.atomic_write_text(guidance_part_path(plan.out, work.cell, work.index), io.csv_text(GUIDANCE_COLUMNS, rows))
+    part = guidance_part_path(plan.out, work.cell, work.index)
+    io.remove_partial_files(part.parent, {part.name})  # left by a process killed while writing it
+    io.atomic_write_text(part, io.csv_text(GUIDANCE_COLUMNS, rows))
     return written
 
 
@@ -597,10 +599,16 @@ def run_sweep(
         for g in owned
     ]
     tags = {(w.method.name, w.scale, w.seed): image_tag(plan, w.method, w.scale, w.seed) for w in queue}
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     total = sum(len(w.captions) for w in queue)
     bar = tqdm(total=total, desc=f"sweep {shard.index}/{shard.count}", disable=not progress, unit="img")
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # zlib and reads release the GIL
+        finished = list(pool.map(lambda w: not group_problems(plan, w, tags[(w.method.name, w.scale, w.seed)]), queue))
+    bar.update(sum(len(w.captions) for w, done in zip(queue, finished) if done))
+    queue = [w for w, done in zip(queue, finished) if not done]  # checked again under the claim
     generated = replaced = 0
     while queue:
         waiting = []
