@@ -1,4 +1,4 @@
-"""Caption sets for the COCO-30k protocol (ALGORITHM §3.1): the vendored CSV, any user CSV, and seeded subsets.
+"""Caption sets for the COCO-30k protocol (algorithm.md §3.1): the vendored CSV, any user CSV, and seeded subsets.
 
 A caption set is an ordered tuple of `Caption(image_id, text)`. Texts are kept byte for byte (no stripping): the
 reference generation script passes them to the pipeline as read.
@@ -26,7 +26,7 @@ class Caption:
 
 
 def parse_captions(text: str, source: str = "<string>") -> tuple[Caption, ...]:
-    """Parse `image_id,text` CSV content with a real CSV parser (ALGORITHM §3.1: quoted fields hold newlines)."""
+    """Parse `image_id,text` CSV content with a real CSV parser (algorithm.md §3.1: quoted fields hold newlines)."""
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if header is None or tuple(h.strip().lstrip("\ufeff") for h in header) != COLUMNS:

@@ -1,8 +1,8 @@
-"""CLIP score as features → per-pair cosine → ×100 (ALGORITHM §3.4), with a thin open_clip wrapper for the features.
+"""CLIP score as features → per-pair cosine → ×100 (algorithm.md §3.4), with a thin open_clip wrapper for the features.
 
 The paper's numbers (≈ 30–31.6) are 100 × the mean cosine similarity of ViT-B/32 image and caption embeddings, with
 no clipping at 0 and no 2.5 factor (unlike Hessel et al.'s CLIPScore). torchmetrics' `CLIPScore` is not used: it is
-broken with transformers 5 (ENVIRONMENT.md).
+broken with transformers 5.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .images import read_rgb
 
 logger = logging.getLogger(__name__)
 
-CLIP_SCALE = 100.0  # the paper's scale (ALGORITHM §3.4)
+CLIP_SCALE = 100.0  # the paper's scale (algorithm.md §3.4)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def load_clip(
 
 
 def clip_scores_from_features(image_features: Tensor, text_features: Tensor) -> Tensor:
-    """100 · cos(image_i, text_i) for each row pair (ALGORITHM §3.4). (N, D), (N, D) → (N,), computed in fp32."""
+    """100 · cos(image_i, text_i) for each row pair (algorithm.md §3.4). (N, D), (N, D) → (N,), computed in fp32."""
     if image_features.shape != text_features.shape or image_features.ndim != 2:
         raise ValueError(f"need matching (N, D) features, got {image_features.shape} and {text_features.shape}")
     image = torch.nn.functional.normalize(image_features.float(), dim=-1)

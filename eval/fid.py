@@ -1,4 +1,4 @@
-"""FID as features → statistics → value (ALGORITHM §3.3), with thin wrappers over clean-fid for resizing and networks.
+"""FID as features → statistics → value (algorithm.md §3.3), with thin clean-fid wrappers for resizing and networks.
 
 Two named preprocessing protocols: `clean` (clean-fid's default: PIL bicubic on float channels, torchscript
 Inception) and `t2ib` (T2IBenchmark, as the paper: centre crop, PIL bicubic on uint8, pytorch-fid Inception).
@@ -44,7 +44,7 @@ PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid
 
 @dataclass(frozen=True)
 class FIDProtocol:
-    """Image → network-input preprocessing (ALGORITHM §3.3) and the Inception port that goes with it.
+    """Image → network-input preprocessing (algorithm.md §3.3) and the Inception port that goes with it.
 
     `clean`: RGB → optional centre crop → per-channel float PIL bicubic to 299 (no quantisation) → values in [0, 255].
     `t2ib`: RGB → centre crop → PIL bicubic to 299 on uint8 (quantised) → values in [0, 255].
@@ -113,7 +113,7 @@ def center_crop(image: np.ndarray) -> np.ndarray:
 
 
 def preprocess(image: np.ndarray, protocol: FIDProtocol) -> np.ndarray:
-    """(H, W, 3) uint8 RGB → (S, S, 3) float32 in [0, 255], per `protocol` (ALGORITHM §3.3)."""
+    """(H, W, 3) uint8 RGB → (S, S, 3) float32 in [0, 255], per `protocol` (algorithm.md §3.3)."""
     from cleanfid.resize import make_resizer
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -190,7 +190,7 @@ def feature_statistics(
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
-    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½), with scipy `sqrtm` (ALGORITHM §3.3).
+    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½), with scipy `sqrtm` (algorithm.md §3.3).
 
     As clean-fid and T2IBenchmark: a singular product gets `eps` on both diagonals (logged), and an imaginary part
     above 1e-3 on the diagonal raises. Statistics from different protocols or extractors are refused.

@@ -1,6 +1,6 @@
 """Image folders as metric inputs: reading with errors that name the file, and exact-set checks against a manifest.
 
-Metrics never run on a partial folder (issue item 7): a cell folder must hold exactly one `{image_id}.png` per
+Metrics never run on a partial folder: a cell folder must hold exactly one `{image_id}.png` per
 caption of the sweep, and every file must decode.
 """
 

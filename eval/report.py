@@ -1,4 +1,4 @@
-"""Tables and the trade-off plot from metric scores (issue item 6): `results.csv`, Table 3 and Table 9, FID-vs-CLIP.
+"""Tables and the trade-off plot from metric scores: `results.csv`, Table 3 and Table 9, FID-vs-CLIP.
 
 Input: `scores.csv` (one row per method, scale, seed) and optionally `clip_per_image.csv`, both written by
 `python -m eval.metrics score`. Per (method, scale) we report mean ± std over seeds and paired comparisons with the
@@ -166,7 +166,7 @@ def summarize(
     n_resamples: int = 10_000,
     seed: int = 0,
 ) -> list[Summary]:
-    """Mean ± std over seeds per (method, scale) and paired comparisons with `baseline` (issue item 5)."""
+    """Mean ± std over seeds per (method, scale) and paired comparisons with `baseline`."""
     by_cell: dict[tuple[str, float], dict[int, Score]] = defaultdict(dict)
     for s in scores:
         by_cell[(s.method, s.scale)][s.seed] = s

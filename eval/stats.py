@@ -1,4 +1,4 @@
-"""Seed statistics and paired significance tests for Table 9 and beyond (issue item 5); pure functions on arrays.
+"""Seed statistics and paired significance tests for Table 9 and beyond; pure functions on arrays.
 
 FID exists once per (method, scale, seed), so methods are compared with a paired t-test over seeds. CLIP score
 exists per image, so methods are compared with a bootstrap CI of per-image differences paired by (seed, image) that

@@ -1,4 +1,4 @@
-"""COCO-30k generation sweep: methods × guidance scales × seeds (ALGORITHM §3.2), resumable and sharded.
+"""COCO-30k generation sweep: methods × guidance scales × seeds (algorithm.md §3.2), resumable and sharded.
 
 Output: `{out}/{method}/cfg-{scale}/seed-{seed}/{image_id}.png`, `{out}/captions.csv` (the captions used),
 `{out}/manifest.json` (exact configuration, cells, package versions) and `{out}/guidance/{cell}.csv` (effective
@@ -86,7 +86,7 @@ class Method:
 
 METHODS: tuple[Method, ...] = (
     Method("cfg", None, None, None, "plain classifier-free guidance (Table 3 'CFG')"),
-    Method("scfg", "scfg", SCFGConfig(), None, "official S-CFG masks and rate (ALGORITHM §1)"),
+    Method("scfg", "scfg", SCFGConfig(), None, "official S-CFG masks and rate (algorithm.md §1)"),
     Method("scfg-paper", "scfg", SCFGConfig.paper(), None, "S-CFG with the paper's SSGC (mean of S..S⁴)"),
     Method("goca", "goca", SCFGConfig(), GoCAConfig(), "GoCA masks in S-CFG, released config (Table 3 'Ours')"),
     Method("goca-vanilla", "goca", SCFGConfig(), GoCAConfig.vanilla(), "GoCA pipeline, vanilla config (cfg15v)"),
@@ -111,7 +111,7 @@ class GenerationSettings:
     """Everything that decides an image besides (method, scale, seed, caption); must not change within a run.
 
     `height`/`width` None: the model's native size (512 for SD v1.5). `seed_mode` "same": every caption starts from
-    the same noise, `torch.Generator(...).manual_seed(seed)` per image (ALGORITHM §5.23, the paper's protocol);
+    the same noise, `torch.Generator(...).manual_seed(seed)` per image (algorithm.md §5.23, the paper's protocol);
     "per-image": a seed derived from (seed, image_id). `generator_device` "device" draws the noise on the pipeline's
     device (as the reference code, which seeds the global CUDA RNG); "cpu" gives device-independent noise.
     """
@@ -153,7 +153,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # ALGORITHM §3.2: SD v1.5, fp16, 512² (native size), 50 steps, the model's PNDM, seed 42 for every caption.
+    # algorithm.md §3.2: SD v1.5, fp16, 512² (native size), 50 steps, the model's PNDM, seed 42 for every caption.
     "paper": Preset(GenerationSettings(), ("cfg", "scfg", "goca"), (2.0, 3.0, 5.0, 7.5, 10.0), (42,)),
     # As "paper" but every caption gets its own noise, drawn on the CPU so that any device reproduces it.
     "per-image": Preset(

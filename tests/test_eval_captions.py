@@ -1,4 +1,4 @@
-"""Caption sets (ALGORITHM §3.1, §6 item 23): the vendored COCO-30k CSV, subsets, and CSV round trips."""
+"""Caption sets (algorithm.md §3.1, §6 item 23): the vendored COCO-30k CSV, subsets, and CSV round trips."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_vendored_set_has_30k_unique_ids_and_multiline_captions(coco):
     assert DEFAULT_CAPTIONS.is_file()
     assert len(coco) == 30_000
     assert len({c.image_id for c in coco}) == 30_000
-    assert sum("\n" in c.text for c in coco) == 97  # ALGORITHM §3.1: quoted fields with embedded newlines
+    assert sum("\n" in c.text for c in coco) == 97  # algorithm.md §3.1: quoted fields with embedded newlines
     assert sum(c.text != c.text.strip() for c in coco) == 3_463  # kept unstripped, as the reference passes them
     assert coco[0] == Caption(521669, "Someone is holding a phone while watching a video on it.")
     assert min(c.image_id for c in coco) == 42 and max(c.image_id for c in coco) == 581913

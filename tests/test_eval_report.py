@@ -12,7 +12,7 @@ from eval import report
 from eval.stats import paired_t_test
 
 SCALES = (2.0, 3.0, 5.0, 7.5, 10.0)
-# Paper Table 3 (ALGORITHM §3.2), FID / CLIP per scale.
+# Paper Table 3 (algorithm.md §3.2), FID / CLIP per scale.
 PAPER = {
     "cfg": [(37.84, 29.84), (24.22, 30.78), (19.27, 31.34), (18.98, 31.53), (19.38, 31.60)],
     "scfg": [(36.45, 29.95), (23.58, 30.84), (19.15, 31.35), (18.90, 31.53), (19.38, 31.60)],
