@@ -2,7 +2,7 @@
 
 The paper's numbers (≈ 30–31.6) are 100 × the mean cosine similarity of ViT-B/32 image and caption embeddings, with
 no clipping at 0 and no 2.5 factor (unlike Hessel et al.'s CLIPScore). torchmetrics' `CLIPScore` is not used: it is
-broken with transformers 5 (ENVIRONMENT.md).
+broken with transformers 5.
 """
 
 from __future__ import annotations
@@ -63,22 +63,75 @@ def _quick_gelu(spec: CLIPSpec) -> bool:
     return bool(open_clip.get_pretrained_cfg(spec.model, spec.pretrained).get("quick_gelu", False))
 
 
-def load_clip(spec: CLIPSpec = CLIPSpec(), device: str | torch.device = "cpu") -> LoadedCLIP:
+_OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_NO_WEIGHTS_HINT = "pass --clip-weights FILE (the tag's weights file), or --clip-pretrained none for a smoke test"
+
+
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache folder, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def cached_clip_weights(spec: CLIPSpec) -> tuple[Path | None, str]:
+    """(cached weights file or None, where they are looked for) for a pretrained tag of open_clip."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+    if not cfg:
+        raise ValueError(f"open_clip has no pretrained tag {spec.pretrained!r} for {spec.model}")
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg["hf_hub"].strip("/")
+        cache = _hub_cache()
+        for name in _OPEN_CLIP_FILES:
+            found = try_to_load_from_cache(repo, name, cache_dir=cache)
+            if isinstance(found, str):
+                return Path(found), str(cache / f"models--{repo.replace('/', '--')}")
+        return None, str(cache / f"models--{repo.replace('/', '--')}")
+    path = Path.home() / ".cache" / "clip" / os.path.basename(cfg["url"])  # open_clip's download folder for URLs
+    return (path if path.is_file() else None), str(path)
+
+
+def load_clip(
+    spec: CLIPSpec = CLIPSpec(), device: str | torch.device = "cpu", allow_download: bool = True
+) -> LoadedCLIP:
     """Build the open_clip model for `spec` (from `spec.weights` when given, else open_clip's cache or download).
 
     open_clip caches tagged weights in the Hugging Face cache (`$HF_HOME/hub`, repo
     `timm/vit_base_patch32_clip_224.openai` for ViT-B-32/openai); with `HF_HUB_OFFLINE=1` a pre-filled cache works.
+    Weights that are neither given nor cached, with `allow_download=False` or a failed download, raise one
+    FileNotFoundError naming the file or cache looked in and the options to pass.
     """
     import open_clip
 
     if spec.weights is not None and not os.path.isfile(spec.weights):
         raise FileNotFoundError(f"CLIP weights not found: {spec.weights}")
     source = spec.weights if spec.weights is not None else spec.pretrained
+    if spec.weights is None and spec.pretrained is not None:
+        cached, where = cached_clip_weights(spec)
+        if cached is None and not allow_download:
+            raise FileNotFoundError(
+                f"CLIP weights {spec.name} are not in {where} and downloading is off (--no-download or "
+                f"HF_HUB_OFFLINE=1); {_NO_WEIGHTS_HINT}"
+            )
     with torch.random.fork_rng(devices=[]):  # random weights (pretrained=None) are seeded, the global RNG untouched
         torch.manual_seed(0)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model, pretrained=source, force_quick_gelu=_quick_gelu(spec), device=device
-        )
+        muted = logging.root.manager.disable
+        logging.disable(logging.ERROR)  # open_clip logs a failed download before raising; it is reported once below
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.model, pretrained=source, force_quick_gelu=_quick_gelu(spec), device=device
+            )
+        except RuntimeError as err:  # open_clip's failed download
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise FileNotFoundError(
+                f"CLIP weights {spec.name} could not be loaded ({first}); {_NO_WEIGHTS_HINT}"
+            ) from None
+        finally:
+            logging.disable(muted)
     model.eval()
     return LoadedCLIP(spec, model, preprocess, open_clip.get_tokenizer(spec.model))
 

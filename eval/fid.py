@@ -1,4 +1,4 @@
-"""FID as features → statistics → value (algorithm.md §3.3), thin wrappers over clean-fid for resizing and networks.
+"""FID as features → statistics → value (algorithm.md §3.3), with thin clean-fid wrappers for resizing and networks.
 
 Two named preprocessing protocols: `clean` (clean-fid's default: PIL bicubic on float channels, torchscript
 Inception) and `t2ib` (T2IBenchmark, as the paper: centre crop, PIL bicubic on uint8, pytorch-fid Inception).
@@ -82,13 +82,19 @@ class FIDProtocol:
 
 @dataclass(frozen=True, eq=False)
 class FeatureStats:
-    """Mean (D,) and covariance (D, D) of `count` feature vectors, with the protocol and extractor that made them."""
+    """Mean (D,) and covariance (D, D) of `count` feature vectors, with the protocol and extractor that made them.
+
+    `features` (N, D): the vectors themselves when kept (KID needs them); `images_digest`: digest of the exact image
+    bytes they were computed from (`io.files_digest`), so that a cache knows what it scored.
+    """
 
     mu: np.ndarray
     sigma: np.ndarray
     count: int
     protocol: str
     extractor: str
+    features: np.ndarray | None = None
+    images_digest: str | None = None
 
     def __post_init__(self) -> None:
         if self.mu.ndim != 1 or self.sigma.shape != (self.mu.size, self.mu.size):
@@ -164,13 +170,22 @@ def image_features(
     return features
 
 
-def feature_statistics(features: np.ndarray, protocol: str, extractor: str) -> FeatureStats:
-    """Mean and `np.cov(rowvar=False)` of (N, D) features in float64 (as clean-fid and T2IBenchmark)."""
+def feature_statistics(
+    features: np.ndarray, protocol: str, extractor: str, keep: bool = False, images_digest: str | None = None
+) -> FeatureStats:
+    """Mean and `np.cov(rowvar=False)` of (N, D) features in float64 (as clean-fid and T2IBenchmark); `keep` stores
+    the features too (for KID)."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"need (N >= 2, D) features for a covariance, got {features.shape}")
     return FeatureStats(
-        features.mean(axis=0), np.cov(features, rowvar=False), int(features.shape[0]), protocol, extractor
+        features.mean(axis=0),
+        np.cov(features, rowvar=False),
+        int(features.shape[0]),
+        protocol,
+        extractor,
+        features if keep else None,
+        images_digest,
     )
 
 
@@ -202,6 +217,29 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> flo
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
 
 
+def kernel_distance(
+    features: np.ndarray, reference: FeatureStats, subsets: int = 100, subset_size: int = 1000
+) -> float:
+    """KID: clean-fid's unbiased polynomial-kernel MMD² (`cleanfid.fid.kernel_distance`) between (N, D) features and
+    the reference's kept features, averaged over `subsets` random subsets of min(N, N_ref, `subset_size`) vectors.
+
+    clean-fid draws the subsets from NumPy's global RNG; it is seeded with 0 here (and restored after), so a number is
+    reproducible. Unlike FID, KID is unbiased in N, so subsets of 1k–5k images give comparable values.
+    """
+    from cleanfid.fid import kernel_distance as _clean_kid
+
+    if reference.features is None:
+        raise ValueError("the reference statistics kept no features; recompute them with `ref-stats` for KID")
+    if (features.shape[1],) != reference.mu.shape:
+        raise ValueError(f"feature dimensions differ: {features.shape[1]} vs {reference.mu.shape[0]}")
+    state = np.random.get_state()
+    try:
+        np.random.seed(0)
+        return float(_clean_kid(np.asarray(features), reference.features, subsets, subset_size))
+    finally:
+        np.random.set_state(state)
+
+
 def fid_from_features(features: np.ndarray, reference: FeatureStats) -> float:
     """FID of (N, D) features against reference statistics of the same protocol and extractor."""
     return frechet_distance(feature_statistics(features, reference.protocol, reference.extractor), reference)
@@ -218,10 +256,19 @@ def stats_file_name(name: str, protocol: FIDProtocol, extractor: str, count: int
 
 
 def save_stats(stats: FeatureStats, path: str | Path) -> None:
-    """Write statistics with their provenance to an `.npz`, atomically."""
-    meta = {"count": stats.count, "protocol": stats.protocol, "extractor": stats.extractor}
+    """Write statistics with their provenance (and kept features, in float32 when that is lossless) to an `.npz`."""
+    meta = {
+        "count": stats.count,
+        "protocol": stats.protocol,
+        "extractor": stats.extractor,
+        "images_digest": stats.images_digest,
+    }
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "meta": np.array(json.dumps(meta))}
+    if stats.features is not None:
+        single = stats.features.astype(np.float32)
+        arrays["features"] = single if np.array_equal(single, stats.features) else stats.features
     buffer = _stdio.BytesIO()
-    np.savez(buffer, mu=stats.mu, sigma=stats.sigma, meta=np.array(json.dumps(meta)))
+    np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -242,6 +289,7 @@ def load_stats(path: str | Path, assume: tuple[str, str] | None = None) -> Featu
             raise ValueError(f"{path} has no 'mu'/'sigma' arrays; not FID statistics")
         mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
         meta = json.loads(str(data["meta"])) if "meta" in data else None
+        features = np.asarray(data["features"], np.float64) if "features" in data else None
     if meta is None:
         if assume is None:
             raise ValueError(
@@ -249,7 +297,9 @@ def load_stats(path: str | Path, assume: tuple[str, str] | None = None) -> Featu
                 "('t2ib-ccrop-299', 'inception-pytorch-fid') for T2IBenchmark's COCO statistics"
             )
         meta = {"count": -1, "protocol": assume[0], "extractor": assume[1]}
-    return FeatureStats(mu, sigma, int(meta["count"]), meta["protocol"], meta["extractor"])
+    return FeatureStats(
+        mu, sigma, int(meta["count"]), meta["protocol"], meta["extractor"], features, meta.get("images_digest")
+    )
 
 
 # ---------------------------------------------------------------- Inception weights (thin clean-fid wrappers)

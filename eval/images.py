@@ -1,11 +1,13 @@
 """Image folders as metric inputs: reading with errors that name the file, and exact-set checks against a manifest.
 
-Metrics never run on a partial folder (issue item 7): a cell folder must hold exactly one `{image_id}.png` per
+Metrics never run on a partial folder: a cell folder must hold exactly one `{image_id}.png` per
 caption of the sweep, and every file must decode.
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,13 +17,76 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def read_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file fully as RGB; a missing, truncated or corrupt file raises ValueError naming it."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MODES = {(8, 0): "L", (8, 2): "RGB", (8, 4): "LA", (8, 6): "RGBA", (8, 3): "P"}
+
+
+def read_rgb(path: str | Path, size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image file fully as RGB; a missing, truncated or corrupt file raises ValueError naming it.
+
+    With `size` (width, height) the file must be an RGB image of exactly that size (generated images are checked
+    against the sweep's manifest so that a wrong-size or grayscale file is never scored).
+    """
     try:
         with Image.open(path) as image:
+            if size is not None and (image.size != tuple(size) or image.mode != "RGB"):
+                raise ValueError(
+                    f"{image.mode} {image.size[0]}x{image.size[1]}, but the manifest says RGB {size[0]}x{size[1]}"
+                )
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def png_problem(data: bytes, size: tuple[int, int], text: dict[str, str] | None = None) -> str | None:
+    """Why PNG bytes are not a finished RGB image of `size` (width, height) with these text chunks; None if they are.
+
+    Checks the signature, every chunk's CRC, the header, the end chunk at the very end of the file and the length of
+    the decompressed pixel data, i.e. everything a full decode reads, without unfiltering the rows.
+    """
+    if not data:
+        return "empty file"
+    if not data.startswith(_PNG_SIGNATURE):
+        return "not a PNG"
+    pos, header, found, pixels = len(_PNG_SIGNATURE), None, {}, []
+    while True:
+        if pos + 8 > len(data):
+            return "truncated"
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return "truncated"
+        body = data[pos + 8 : pos + 8 + length]
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[pos + 8 + length : end])[0]:
+            return f"damaged {kind.decode('latin-1')} chunk (CRC mismatch)"
+        pos = end
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            pixels.append(body)
+        elif kind == b"tEXt":
+            key, _, value = body.partition(b"\0")
+            found[key.decode("latin-1")] = value.decode("latin-1")
+        elif kind == b"IEND":
+            break
+    if pos != len(data):
+        return "data after the end chunk"
+    if header is None:
+        return "no header chunk"
+    width, height, depth, colour = header[:4]
+    mode = _PNG_MODES.get((depth, colour), f"{depth}-bit type {colour}")
+    if (width, height) != tuple(size) or mode != "RGB":
+        return f"{mode} {width}x{height}, expected RGB {size[0]}x{size[1]}"
+    try:
+        raw = zlib.decompress(b"".join(pixels))
+    except zlib.error as err:
+        return f"pixel data does not decompress ({err})"
+    if len(raw) != height * (1 + 3 * width) or header[6] != 0:
+        return "pixel data has the wrong length"
+    for key, value in (text or {}).items():
+        if found.get(key) != value:
+            return f"written with other settings ({key}={found.get(key)!r}, expected {value!r})"
+    return None
 
 
 def read_rgb_array(path: str | Path) -> np.ndarray:

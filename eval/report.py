@@ -1,14 +1,18 @@
-"""Tables and the trade-off plot from metric scores (issue item 6): `results.csv`, Table 3 and Table 9, FID-vs-CLIP.
+"""Tables and the trade-off plot from metric scores: `results.csv`, Table 3 and Table 9, FID-vs-CLIP.
 
 Input: `scores.csv` (one row per method, scale, seed) and optionally `clip_per_image.csv`, both written by
 `python -m eval.metrics score`. Per (method, scale) we report mean ± std over seeds and paired comparisons with the
-baseline (CFG): a paired t-test on per-seed FID and a bootstrap CI on per-image CLIP differences (`eval.stats`).
+baseline (CFG): a paired t-test on per-seed FID and a bootstrap CI on per-image CLIP differences that resamples
+images (all seeds of an image together; `eval.stats`). KID and the effective guidance scale (mean over steps of
+w·mean(r), from the sweep's guidance records) get their own columns, and `fid_clip_effective.png` plots FID and CLIP
+against the effective scale, so that methods can be compared at equal effective rather than nominal guidance.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import math
 import sys
@@ -19,32 +23,29 @@ from pathlib import Path
 
 import numpy as np
 
+from goca_scfg.vocab import BASELINE, method_label, method_rank
+
+from . import io
 from .stats import BootstrapCI, MeanStd, PairedTTest, bootstrap_ci, mean_std, paired_t_test
 
 logger = logging.getLogger(__name__)
 
-BASELINE = "cfg"
-_ORDER = ("cfg", "scfg", "scfg-paper", "goca-vanilla", "goca", "goca-paper")
-_LABELS = {
-    "cfg": "CFG",
-    "scfg": "S-CFG",
-    "scfg-paper": "S-CFG (paper SSGC)",
-    "goca-vanilla": "S-CFG (vanilla GoCA masks)",
-    "goca": "GoCA+S-CFG",
-    "goca-paper": "GoCA+S-CFG (Eq. 11 content tokens)",
-}
 CellKey = tuple[str, float, int]  # (method, scale, seed)
 
 
 @dataclass(frozen=True)
 class Score:
-    """One row of `scores.csv`: FID and mean CLIP score of one (method, scale, seed) folder; NaN when not computed."""
+    """One row of `scores.csv`: FID, mean CLIP score, KID and mean effective guidance scale of one (method, scale,
+    seed) folder; NaN when not computed. `n_images`: None when the file does not say."""
 
     method: str
     scale: float
     seed: int
     fid: float
     clip: float
+    kid: float = math.nan
+    effective_scale: float = math.nan
+    n_images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,49 +60,63 @@ class Summary:
     fid_diff: float | None = None  # mean over common seeds of FID(method) − FID(baseline)
     fid_test: PairedTTest | None = None  # needs >= 2 common seeds
     clip_diff: BootstrapCI | None = None  # per-image CLIP(method) − CLIP(baseline), paired by (seed, image)
-
-
-def method_label(method: str) -> str:
-    """Display name of a sweep method (the paper's row names where they exist)."""
-    return _LABELS.get(method, method)
-
-
-def _method_sort_key(method: str) -> tuple[int, str]:
-    return (_ORDER.index(method) if method in _ORDER else len(_ORDER), method)
+    kid: MeanStd | None = None
+    effective_scale: MeanStd | None = None
 
 
 def _float(value: str) -> float:
-    return float(value) if value.strip() not in ("", "nan", "NaN") else math.nan
+    return float(value) if value.strip() else math.nan
 
 
 # ---------------------------------------------------------------- reading
 
 
 def read_scores(path: str | Path) -> list[Score]:
-    """Read `scores.csv` (columns method, scale, seed, fid, clip; others ignored)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"method", "scale", "seed", "fid", "clip"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} lacks the columns {sorted(missing)}")
-        scores = [
-            Score(r["method"], float(r["scale"]), int(r["seed"]), _float(r["fid"]), _float(r["clip"])) for r in reader
-        ]
-    keys = [(s.method, s.scale, s.seed) for s in scores]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{path} has duplicate (method, scale, seed) rows")
-    if not scores:
+    """Read `scores.csv` (columns method, scale, seed, fid, clip; kid, effective_scale, n_images when present).
+
+    A damaged file (wrong field count, unparsable number, duplicate cell) fails naming the file and the line.
+    """
+    rows = io.read_table(
+        path,
+        {"method": str, "scale": float, "seed": int, "fid": _float, "clip": _float},
+        {"kid": _float, "effective_scale": _float, "n_images": int},
+    )
+    if not rows:
         raise ValueError(f"{path} has no rows")
+    scores, seen = [], {}
+    for line, r in enumerate(rows, start=2):
+        key = (r["method"], r["scale"], r["seed"])
+        if key in seen:
+            raise ValueError(f"{path}, line {line}: duplicate (method, scale, seed) {key}, first on line {seen[key]}")
+        seen[key] = line
+        optional = {k: r[k] for k in ("kid", "effective_scale") if r[k] is not None}
+        scores.append(Score(*key, r["fid"], r["clip"], n_images=r["n_images"], **optional))
     return scores
 
 
 def read_per_image_clip(path: str | Path) -> dict[CellKey, dict[int, float]]:
     """Read `clip_per_image.csv` (method, scale, seed, image_id, clip) into {cell: {image_id: score}}."""
+    columns = {"method": str, "scale": float, "seed": int, "image_id": int, "clip": float}
     cells: dict[CellKey, dict[int, float]] = defaultdict(dict)
-    with open(path, encoding="utf-8", newline="") as f:
-        for r in csv.DictReader(f):
-            cells[(r["method"], float(r["scale"]), int(r["seed"]))][int(r["image_id"])] = float(r["clip"])
+    for line, r in enumerate(io.read_table(path, columns), start=2):
+        scores = cells[(r["method"], r["scale"], r["seed"])]
+        if r["image_id"] in scores:
+            raise ValueError(f"{path}, line {line}: image {r['image_id']} appears twice for {r['method']}")
+        scores[r["image_id"]] = r["clip"]
     return dict(cells)
+
+
+def check_per_image(scores: Sequence[Score], per_image: Mapping[CellKey, Mapping[int, float]], path: object) -> None:
+    """Every cell of `scores` with a CLIP score must have exactly its `n_images` per-image scores (truncated file?)."""
+    for s in scores:
+        if s.n_images is None or not math.isfinite(s.clip):
+            continue
+        found = len(per_image.get((s.method, s.scale, s.seed), {}))
+        if found != s.n_images:
+            raise ValueError(
+                f"{path} has {found} per-image CLIP scores for {s.method} w={s.scale:g} seed {s.seed}, but "
+                f"scores.csv says {s.n_images} images (damaged or truncated file? rerun `eval.metrics score`)"
+            )
 
 
 # ---------------------------------------------------------------- summaries
@@ -114,16 +129,17 @@ def _finite_mean_std(values: Sequence[float]) -> MeanStd | None:
 
 def _paired_clip(
     method_cells: Mapping[int, Mapping[int, float]], base_cells: Mapping[int, Mapping[int, float]]
-) -> np.ndarray:
-    """Per-image CLIP differences over the (seed, image_id) pairs both sides have."""
-    diffs = [
-        scores[image_id] - base_cells[seed][image_id]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image CLIP differences over the (seed, image_id) pairs both sides have, and the image id of each."""
+    pairs = [
+        (scores[image_id] - base_cells[seed][image_id], image_id)
         for seed, scores in sorted(method_cells.items())
         if seed in base_cells
         for image_id in sorted(scores)
         if image_id in base_cells[seed]
     ]
-    return np.asarray(diffs, dtype=np.float64)
+    diffs = np.asarray([d for d, _ in pairs], dtype=np.float64)
+    return diffs, np.asarray([i for _, i in pairs], dtype=np.int64)
 
 
 def summarize(
@@ -133,20 +149,23 @@ def summarize(
     n_resamples: int = 10_000,
     seed: int = 0,
 ) -> list[Summary]:
-    """Mean ± std over seeds per (method, scale) and paired comparisons with `baseline` (issue item 5)."""
+    """Mean ± std over seeds per (method, scale) and paired comparisons with `baseline`."""
     by_cell: dict[tuple[str, float], dict[int, Score]] = defaultdict(dict)
     for s in scores:
         by_cell[(s.method, s.scale)][s.seed] = s
     per_image = per_image or {}
     summaries = []
-    for method, scale in sorted(by_cell, key=lambda k: (_method_sort_key(k[0]), k[1])):
+    for method, scale in sorted(by_cell, key=lambda k: (method_rank(k[0]), k[1])):
         runs = by_cell[(method, scale)]
+        seeds = sorted(runs)
         summary = Summary(
             method,
             scale,
-            tuple(sorted(runs)),
-            _finite_mean_std([runs[k].fid for k in sorted(runs)]),
-            _finite_mean_std([runs[k].clip for k in sorted(runs)]),
+            tuple(seeds),
+            _finite_mean_std([runs[k].fid for k in seeds]),
+            _finite_mean_std([runs[k].clip for k in seeds]),
+            kid=_finite_mean_std([runs[k].kid for k in seeds]),
+            effective_scale=_finite_mean_std([runs[k].effective_scale for k in seeds]),
         )
         base = by_cell.get((baseline, scale))
         if method != baseline and base is not None:
@@ -175,10 +194,10 @@ def _compare(
     scale = summary.scale
     mine = {k: per_image[(method, scale, k)] for k in runs if (method, scale, k) in per_image}
     theirs = {k: per_image[(baseline, scale, k)] for k in base if (baseline, scale, k) in per_image}
-    diffs = _paired_clip(mine, theirs)
+    diffs, images = _paired_clip(mine, theirs)
     if diffs.size:
-        clip_diff = bootstrap_ci(diffs, n_resamples=n_resamples, seed=seed)
-    return Summary(summary.method, scale, summary.seeds, summary.fid, summary.clip, fid_diff, fid_test, clip_diff)
+        clip_diff = bootstrap_ci(diffs, n_resamples=n_resamples, seed=seed, units=images)
+    return dataclasses.replace(summary, fid_diff=fid_diff, fid_test=fid_test, clip_diff=clip_diff)
 
 
 # ---------------------------------------------------------------- outputs
@@ -208,6 +227,11 @@ def results_rows(summaries: Sequence[Summary]) -> list[dict[str, str]]:
                 "clip_diff_vs_cfg": _num(s.clip_diff.mean if s.clip_diff else None, 4),
                 "clip_ci_low_vs_cfg": _num(s.clip_diff.low if s.clip_diff else None, 4),
                 "clip_ci_high_vs_cfg": _num(s.clip_diff.high if s.clip_diff else None, 4),
+                "clip_ci_unit": "image" if s.clip_diff else "",
+                "kid_mean": _num(s.kid.mean if s.kid else None, 6),
+                "kid_std": _num(s.kid.std if s.kid else None, 6),
+                "effective_scale_mean": _num(s.effective_scale.mean if s.effective_scale else None, 4),
+                "effective_scale_std": _num(s.effective_scale.std if s.effective_scale else None, 4),
             }
         )
     return rows
@@ -233,7 +257,7 @@ def _best(values: Mapping[str, float | None], lower_is_better: bool) -> set[str]
 def table3_markdown(summaries: Sequence[Summary]) -> str:
     """Paper Table 3 layout: one row per method, FID↓ and CLIP↑ for each guidance scale w; best per column bold."""
     scales = sorted({s.scale for s in summaries})
-    methods = sorted({s.method for s in summaries}, key=_method_sort_key)
+    methods = sorted({s.method for s in summaries}, key=method_rank)
     cell = {(s.method, s.scale): s for s in summaries}
     header = ["Method"] + [f"w={w:g} {name}" for w in scales for name in ("FID↓", "CLIP↑")]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
@@ -263,9 +287,10 @@ def _pm(stat: MeanStd | None) -> str:
 
 def table9_markdown(summaries: Sequence[Summary]) -> str:
     """Paper Table 9 layout (App. F): mean ± std over seeds, plus the paired comparisons with CFG."""
-    header = ["Method", "w", "seeds", "FID↓", "CLIP↑", "ΔFID vs CFG (paired t, p)", "ΔCLIP vs CFG [95% CI]"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for s in sorted(summaries, key=lambda s: (s.scale, _method_sort_key(s.method))):
+    header = ["Method", "w", "w_eff", "seeds", "FID↓", "KID↓", "CLIP↑", "ΔFID vs CFG (paired t, p)"]
+    header.append("ΔCLIP vs CFG [95% CI]")
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for s in sorted(summaries, key=lambda s: (s.scale, method_rank(s.method))):
         if s.fid_diff is None:
             fid_cmp = "–"
         elif s.fid_test is None:
@@ -277,11 +302,14 @@ def table9_markdown(summaries: Sequence[Summary]) -> str:
             if s.clip_diff is None
             else f"{s.clip_diff.mean:+.3f} [{s.clip_diff.low:+.3f}, {s.clip_diff.high:+.3f}]"
         )
-        row = [method_label(s.method), f"{s.scale:g}", str(len(s.seeds)), _pm(s.fid), _pm(s.clip), fid_cmp, clip_cmp]
+        kid = "–" if s.kid is None else f"{s.kid.mean:.4f}"
+        row = [method_label(s.method), f"{s.scale:g}", _pm(s.effective_scale), str(len(s.seeds)), _pm(s.fid), kid]
+        row += [_pm(s.clip), fid_cmp, clip_cmp]
         lines.append("| " + " | ".join(row) + " |")
     return (
-        "\n".join(lines) + "\n\nmean ± sample std over seeds; ΔFID: paired t-test over common seeds; "
-        "ΔCLIP: percentile bootstrap of per-image differences paired by (seed, image).\n"
+        "\n".join(lines) + "\n\nmean ± sample std over seeds; w_eff: effective guidance scale, mean over steps of "
+        "w·mean(r); ΔFID: paired t-test over common seeds; ΔCLIP: percentile bootstrap of per-image differences "
+        "paired by (seed, image), resampling images (all seeds of an image together).\n"
     )
 
 
@@ -294,7 +322,7 @@ def plot_tradeoff(summaries: Sequence[Summary], path: str | Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     plotted = 0
-    for method in sorted({s.method for s in summaries}, key=_method_sort_key):
+    for method in sorted({s.method for s in summaries}, key=method_rank):
         points = sorted((s for s in summaries if s.method == method and s.fid and s.clip), key=lambda s: s.scale)
         if not points:
             continue
@@ -318,6 +346,41 @@ def plot_tradeoff(summaries: Sequence[Summary], path: str | Path) -> None:
     fig.savefig(path, format="png")
 
 
+def plot_effective(summaries: Sequence[Summary], path: str | Path) -> None:
+    """FID and CLIP against the effective guidance scale (PNG): one line per method, points at each nominal w."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    plotted = 0
+    for method in sorted({s.method for s in summaries}, key=method_rank):
+        points = sorted((s for s in summaries if s.method == method and s.effective_scale), key=lambda s: s.scale)
+        for ax, metric in zip(axes, ("fid", "clip")):
+            kept = [p for p in points if getattr(p, metric)]
+            if not kept:
+                continue
+            plotted += 1
+            x = [p.effective_scale.mean for p in kept]
+            ax.plot(x, [getattr(p, metric).mean for p in kept], marker="o", label=method_label(method))
+            for p, xi in zip(kept, x):
+                ax.annotate(f"w={p.scale:g}", (xi, getattr(p, metric).mean), xytext=(4, 4), fontsize=7,
+                            textcoords="offset points")  # fmt: skip
+    for ax, name in zip(axes, ("FID ↓", "CLIP score ↑ (100 × cosine)")):
+        ax.set_xlabel("effective guidance scale  mean_t(w·mean r)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if plotted:
+            ax.legend(fontsize=8)
+    axes[0].set_title("FID at equal effective guidance")
+    axes[1].set_title("CLIP at equal effective guidance")
+    if not plotted:
+        fig.text(0.5, 0.5, "no effective-scale records (sweep guidance CSVs)", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
 def build_report(
     scores_csv: str | Path,
     out_dir: str | Path,
@@ -325,18 +388,25 @@ def build_report(
     n_resamples: int = 10_000,
     seed: int = 0,
 ) -> dict[str, Path]:
-    """Write results.csv, table3.md, table9.md (when some cell has several seeds) and fid_clip.png to `out_dir`."""
+    """Write results.csv, table3.md, table9.md (when some cell has several seeds), fid_clip.png and
+    fid_clip_effective.png to `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_image = read_per_image_clip(per_image_csv) if per_image_csv is not None else None
-    summaries = summarize(read_scores(scores_csv), per_image, n_resamples=n_resamples, seed=seed)
+    scores = read_scores(scores_csv)
+    per_image = None
+    if per_image_csv is not None:
+        per_image = read_per_image_clip(per_image_csv)
+        check_per_image(scores, per_image, per_image_csv)
+    summaries = summarize(scores, per_image, n_resamples=n_resamples, seed=seed)
     paths = {"results": out_dir / "results.csv", "table3": out_dir / "table3.md", "plot": out_dir / "fid_clip.png"}
+    paths["effective"] = out_dir / "fid_clip_effective.png"
     write_results_csv(summaries, paths["results"])
     paths["table3"].write_text(table3_markdown(summaries), encoding="utf-8")
     if any(len(s.seeds) > 1 for s in summaries) or any(s.clip_diff is not None for s in summaries):
         paths["table9"] = out_dir / "table9.md"
         paths["table9"].write_text(table9_markdown(summaries), encoding="utf-8")
     plot_tradeoff(summaries, paths["plot"])
+    plot_effective(summaries, paths["effective"])
     return paths
 
 

@@ -1,7 +1,8 @@
-"""Seed statistics and paired significance tests for Table 9 and beyond (issue item 5); pure functions on arrays.
+"""Seed statistics and paired significance tests for Table 9 and beyond; pure functions on arrays.
 
 FID exists once per (method, scale, seed), so methods are compared with a paired t-test over seeds. CLIP score
-exists per image, so methods are compared with a bootstrap CI of per-image differences paired by (seed, image).
+exists per image, so methods are compared with a bootstrap CI of per-image differences paired by (seed, image) that
+resamples images (all seeds of an image together).
 """
 
 from __future__ import annotations
@@ -80,26 +81,45 @@ def paired_t_test(a: object, b: object) -> PairedTTest:
     return PairedTTest(float(np.mean(diff)), float(result.statistic), float(result.pvalue), int(a.size - 1))
 
 
+def _ratio_of_sums(sums: np.ndarray, counts: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.sum(sums, axis=axis) / np.sum(counts, axis=axis)
+
+
 def bootstrap_ci(
     diffs: object,
     confidence: float = 0.95,
     n_resamples: int = 10_000,
     seed: int = 0,
     batch: int = 200,
+    units: object | None = None,
 ) -> BootstrapCI:
     """Percentile bootstrap CI of the mean of paired differences (e.g. per-image CLIP of a method minus CFG).
 
-    Wraps `scipy.stats.bootstrap`; `batch` resamples are drawn at a time to bound memory for 30k-image sets.
+    `units`: the resampling unit of each difference (e.g. its image id). The bootstrap then draws units, each with all
+    its differences (every seed of an image together), and the statistic is the mean over the drawn differences; an
+    image's effect repeated across seeds is not counted as independent evidence. Without `units` every difference is
+    its own unit. `n` of the result is the number of units. Wraps `scipy.stats.bootstrap`; `batch` resamples are drawn
+    at a time to bound memory for 30k-image sets.
     """
     diffs = _as_1d(diffs, "diffs")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if units is None:
+        sums, counts = diffs, np.ones_like(diffs)
+    else:
+        labels = np.asarray(units)
+        if labels.shape != diffs.shape:
+            raise ValueError(f"need one unit per difference, got {labels.shape} for {diffs.shape}")
+        _, inverse = np.unique(labels, return_inverse=True)
+        sums, counts = np.bincount(inverse, weights=diffs), np.bincount(inverse).astype(np.float64)
     mean = float(np.mean(diffs))
-    if diffs.size == 1 or np.all(diffs == diffs[0]):
-        return BootstrapCI(mean, mean, mean, confidence, int(diffs.size))
+    if sums.size == 1 or np.all(diffs == diffs[0]):
+        return BootstrapCI(mean, mean, mean, confidence, int(sums.size))
     result = _scipy_stats.bootstrap(
-        (diffs,),
-        np.mean,
+        (sums, counts),
+        _ratio_of_sums,
+        paired=True,
+        vectorized=True,
         n_resamples=n_resamples,
         confidence_level=confidence,
         method="percentile",
@@ -107,4 +127,4 @@ def bootstrap_ci(
         rng=np.random.default_rng(seed),
     )
     interval = result.confidence_interval
-    return BootstrapCI(mean, float(interval.low), float(interval.high), confidence, int(diffs.size))
+    return BootstrapCI(mean, float(interval.low), float(interval.high), confidence, int(sums.size))

@@ -1,14 +1,20 @@
 """COCO-30k generation sweep: methods × guidance scales × seeds (algorithm.md §3.2), resumable and sharded.
 
-Output: `{out}/{method}/cfg-{scale}/seed-{seed}/{image_id}.png`, `{out}/captions.csv` (the captions used) and
-`{out}/manifest.json` (exact configuration, cells, package versions). Every PNG is written atomically and a finished
-PNG is never regenerated, so a killed sweep resumes where it stopped. Work is split by caption index across
-`--shard i/n` jobs and across the processes of `accelerate launch --multi_gpu -m eval.sweep` (or `torchrun`),
-without overlap.
+Output: `{out}/{method}/cfg-{scale}/seed-{seed}/{image_id}.png`, `{out}/captions.csv` (the captions used),
+`{out}/manifest.json` (exact configuration, cells, package versions) and `{out}/guidance/{cell}.csv` (effective
+guidance per image, `guidance_rows`). Every PNG is written atomically and carries a digest of the settings that decided
+its pixels; a rerun checks every image (intact, manifest size and mode, same settings) and regenerates the rest.
+
+One image, one answer: the caption list is cut into fixed groups of `batch_size` (`caption_groups`) and one group is
+always one pipeline call, so pixels never depend on `--shard i/n`, on the processes of `accelerate launch --multi_gpu
+-m eval.sweep` (or `torchrun`), on interruption or on resume order. Shards and processes take whole groups; a group
+with an unfinished image is recomputed whole and only its unfinished files are written. Groups are claimed while they
+run (`io.try_claim`), so several sweeps started on one `--out` share the work and generate each image once.
 
 manifest.json: `generation` (GenerationSettings, resolved), `captions` (file, md5, count, source, limit, subset_seed),
-`methods` (name → segmentor and configs), `scales`, `seeds`, `cells` ([{method, scale, seed, path}]), `versions`,
-`command`. A rerun may add methods, scales or seeds; anything that decides pixels must match (`merge_manifest`).
+`batch_size`, `methods` (name → segmentor and configs), `scales`, `seeds`, `cells` ([{method, scale, seed, path}]),
+`versions`, `command`. A rerun may add methods, scales or seeds; anything that decides pixels (including the batch
+size) must match (`merge_manifest`).
 """
 
 from __future__ import annotations
@@ -19,79 +25,42 @@ import hashlib
 import io as _stdio
 import json
 import logging
+import math
 import os
 import platform
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from goca_scfg import GoCAConfig, SCFGConfig
-from goca_scfg.config import describe
-from goca_scfg.testing import SD15_MODEL_ID, load_pipeline, native_size, swap_scheduler
+from goca_scfg.loading import SD15_MODEL_ID, SDXL_MODEL_ID, load_pipeline, native_size, swap_scheduler
+from goca_scfg.vocab import (
+    AUTO_DTYPE,
+    DTYPE_NAMES,
+    METHOD_NAMES,
+    SCHEDULER_NAMES,
+    Method,
+    check_scheduler,
+    get_method,
+    torch_dtype,
+)
 
 from . import io
 from .captions import DEFAULT_CAPTIONS, Caption, format_captions, load_captions, select_captions
+from .images import png_problem
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CAPTIONS_FILE = "captions.csv"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: fixed caption groups, settings tag in every PNG
 SeedMode = Literal["same", "per-image"]
-Dtype = Literal["auto", "fp16", "bf16", "fp32"]
-SchedulerName = Literal["default", "pndm", "ddim", "dpm++"]
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+Dtype = str  # a `goca_scfg.vocab` dtype name or "auto"
 _VERSIONED = ("goca-scfg", "torch", "diffusers", "transformers", "accelerate", "numpy", "pillow", "safetensors")
-
-
-# ---------------------------------------------------------------- methods: the one table of names → pipeline kwargs
-
-
-@dataclass(frozen=True)
-class Method:
-    """A named guidance method: the `segmentor` and configs passed to `StableDiffusionSCFGPipeline.__call__`."""
-
-    name: str
-    segmentor: str | None
-    scfg_config: SCFGConfig | None
-    goca_config: GoCAConfig | None
-    summary: str
-
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of the pipeline call for this method."""
-        return {"segmentor": self.segmentor, "scfg_config": self.scfg_config, "goca_config": self.goca_config}
-
-    def describe(self) -> dict[str, Any]:
-        """Plain-dict view for the manifest."""
-        return {
-            "segmentor": self.segmentor,
-            "scfg_config": describe(self.scfg_config) if self.scfg_config else None,
-            "goca_config": describe(self.goca_config) if self.goca_config else None,
-            "summary": self.summary,
-        }
-
-
-METHODS: tuple[Method, ...] = (
-    Method("cfg", None, None, None, "plain classifier-free guidance (Table 3 'CFG')"),
-    Method("scfg", "scfg", SCFGConfig(), None, "official S-CFG masks and rate (algorithm.md §1)"),
-    Method("scfg-paper", "scfg", SCFGConfig.paper(), None, "S-CFG with the paper's SSGC (mean of S..S⁴)"),
-    Method("goca", "goca", SCFGConfig(), GoCAConfig(), "GoCA masks in S-CFG, released config (Table 3 'Ours')"),
-    Method("goca-vanilla", "goca", SCFGConfig(), GoCAConfig.vanilla(), "GoCA pipeline, vanilla config (cfg15v)"),
-    Method("goca-paper", "goca", SCFGConfig(), GoCAConfig.paper(), "GoCA, rescaling over content tokens (Eq. 11)"),
-    Method("goca-fast", "goca", SCFGConfig(), GoCAConfig.fast(), "GoCA fast mode (approximate layer weights)"),
-)
-
-
-def get_method(name: str) -> Method:
-    """Look a method up by name."""
-    for method in METHODS:
-        if method.name == name:
-            return method
-    raise ValueError(f"unknown method {name!r}; expected one of {[m.name for m in METHODS]}")
 
 
 # ---------------------------------------------------------------- settings and presets
@@ -109,7 +78,7 @@ class GenerationSettings:
 
     model: str = SD15_MODEL_ID
     dtype: Dtype = "fp16"
-    scheduler: SchedulerName = "default"
+    scheduler: str = "default"  # a `goca_scfg.vocab` scheduler name
     steps: int = 50
     height: int | None = None
     width: int | None = None
@@ -117,10 +86,9 @@ class GenerationSettings:
     generator_device: Literal["device", "cpu"] = "device"
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"dtype {self.dtype!r} is not one of {('auto', *_DTYPES)}")
-        if self.scheduler not in ("default", "pndm", "ddim", "dpm++"):
-            raise ValueError(f"scheduler {self.scheduler!r} is not one of default, pndm, ddim, dpm++")
+        if self.dtype not in (AUTO_DTYPE, *DTYPE_NAMES):
+            raise ValueError(f"dtype {self.dtype!r} is not one of {(AUTO_DTYPE, *DTYPE_NAMES)}")
+        check_scheduler(self.scheduler)
         if self.seed_mode not in ("same", "per-image"):
             raise ValueError(f"seed_mode {self.seed_mode!r} is not 'same' or 'per-image'")
         if self.generator_device not in ("device", "cpu"):
@@ -152,6 +120,11 @@ PRESETS: dict[str, Preset] = {
         ("cfg", "scfg", "goca"),
         (2.0, 3.0, 5.0, 7.5, 10.0),
         (42,),
+    ),
+    # SDXL base 1.0 at its native 1024², fp16, the model's own scheduler (Euler, as its model card runs it) and
+    # the same 50 steps, scales and seed as "paper", so the two models' tables compare row for row.
+    "sdxl": Preset(
+        GenerationSettings(model=SDXL_MODEL_ID), ("cfg", "scfg", "goca"), (2.0, 3.0, 5.0, 7.5, 10.0), (42,)
     ),
 }
 
@@ -188,11 +161,14 @@ class SweepPlan:
                 raise ValueError(f"duplicate {name} in {values!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        bad = [w for w in self.scales if not (math.isfinite(w) and w > 0)]
+        if bad:
+            raise ValueError(f"guidance scales must be finite and > 0, got {bad}")
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Part `index` of `count`: caption k of every cell belongs to shard k mod count."""
+    """Part `index` of `count`: caption group g (`caption_groups`) of every cell belongs to shard g mod count."""
 
     index: int = 0
     count: int = 1
@@ -215,16 +191,18 @@ class Shard:
         return Shard(self.index * processes + process_index, self.count * processes)
 
     def select(self, captions: Sequence[Caption]) -> tuple[Caption, ...]:
-        """The captions this shard owns."""
+        """The items (caption groups) this shard owns."""
         return tuple(captions[self.index :: self.count])
 
 
 @dataclass(frozen=True)
 class SweepResult:
-    """Counts of one process's sweep: images generated now and images found finished."""
+    """Counts of one process's sweep: images written now, owned images found finished (or written by a concurrent
+    sweep), and how many of the written ones replaced a damaged or foreign file."""
 
     generated: int
     skipped: int
+    replaced: int = 0
 
 
 # ---------------------------------------------------------------- layout, seeds, manifest
@@ -245,7 +223,7 @@ def image_seed(seed: int, image_id: int, mode: SeedMode) -> int:
 
 def resolve_dtype(name: Dtype, device: torch.device) -> Dtype:
     """fp16/bf16 need an accelerator: on the CPU they fall back to fp32 with a warning; "auto": fp16 on CUDA."""
-    if name == "auto":
+    if name == AUTO_DTYPE:
         return "fp16" if device.type == "cuda" else "fp32"
     if name in ("fp16", "bf16") and device.type == "cpu":
         logger.warning("dtype %s requested on the CPU; using fp32 (recorded in the manifest)", name)
@@ -297,6 +275,12 @@ def build_manifest(plan: SweepPlan, captions_md5: str, device: torch.device) -> 
 
 def merge_manifest(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Extend an existing run with more methods, scales or seeds; anything that decides pixels must be unchanged."""
+    if old.get("format") == new["format"] and old.get("batch_size") != new["batch_size"]:
+        raise ValueError(
+            f"this output folder was generated with --batch-size {old.get('batch_size')}; the batch size decides "
+            f"pixels (fixed caption groups), so resuming with --batch-size {new['batch_size']} is refused. Pass "
+            f"--batch-size {old.get('batch_size')}, or use another --out."
+        )
     for key in ("format", "generation", "captions"):
         if old.get(key) != new[key]:
             raise ValueError(
@@ -320,12 +304,19 @@ def prepare_output(plan: SweepPlan, device: torch.device, write: bool) -> dict[s
     captions_md5 = hashlib.md5(captions_text.encode("utf-8")).hexdigest()
     manifest = build_manifest(plan, captions_md5, device)
     path = plan.out / MANIFEST
-    if path.is_file():
-        manifest = merge_manifest(io.read_json(path), manifest)
-    if write:
-        if not (plan.out / CAPTIONS_FILE).is_file():
-            io.atomic_write_text(plan.out / CAPTIONS_FILE, captions_text)
-        io.write_json(path, manifest)
+    lock = plan.out / ".claims" / "manifest"
+    while write and not io.try_claim(lock, timeout=60.0):  # concurrent sweeps merge their cells one at a time
+        time.sleep(0.05)
+    try:
+        if path.is_file():
+            manifest = merge_manifest(io.read_json(path), manifest)
+        if write:
+            if not (plan.out / CAPTIONS_FILE).is_file():
+                io.atomic_write_text(plan.out / CAPTIONS_FILE, captions_text)
+            io.write_json(path, manifest)
+    finally:
+        if write:
+            io.release_claim(lock)
     return manifest
 
 
@@ -334,7 +325,7 @@ def prepare_output(plan: SweepPlan, device: torch.device, write: bool) -> dict[s
 
 def load_sweep_pipeline(settings: GenerationSettings, device: torch.device) -> Any:
     """The pipeline for `settings` on `device`, scheduler swapped and progress bars off."""
-    dtype = _DTYPES[resolve_dtype(settings.dtype, device)]
+    dtype = torch_dtype(resolve_dtype(settings.dtype, device))
     pipe = load_pipeline(settings.model, torch_dtype=None if dtype == torch.float32 else dtype, device=str(device))
     swap_scheduler(pipe, settings.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -352,25 +343,197 @@ def resolve_settings(settings: GenerationSettings, pipe: Any, device: torch.devi
     )
 
 
-def _png_bytes(image: Any) -> bytes:
+def caption_groups(captions: Sequence[Caption], batch_size: int) -> tuple[tuple[Caption, ...], ...]:
+    """Fixed batches of the caption list: group g = captions[g·bs, (g+1)·bs). One group is always one pipeline call,
+    so an image's pixels never depend on how the work was split, interrupted or resumed."""
+    return tuple(tuple(captions[start : start + batch_size]) for start in range(0, len(captions), batch_size))
+
+
+@dataclass(frozen=True)
+class GroupWork:
+    """One pipeline call of a sweep: caption group `index` of the cell (method, scale, seed)."""
+
+    method: Method
+    scale: float
+    seed: int
+    index: int
+    captions: tuple[Caption, ...]
+
+    @property
+    def cell(self) -> str:
+        return cell_path(self.method.name, self.scale, self.seed)
+
+
+def image_tag(plan: SweepPlan, method: Method, scale: float, seed: int) -> str:
+    """Digest of every setting that decides the pixels of one cell, stored in each PNG (text chunk `TAG_KEY`)."""
+    captions_md5 = hashlib.md5(format_captions(plan.captions).encode("utf-8")).hexdigest()
+    spec = {k: v for k, v in method.describe().items() if k != "summary"}
+    key = [dataclasses.asdict(plan.settings), captions_md5, plan.batch_size, spec, float(scale), seed]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+TAG_KEY = "goca-scfg-settings"
+
+
+def _png_bytes(image: Any, tag: str) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(TAG_KEY, tag)
     buffer = _stdio.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 
-def _batches(items: Sequence[Caption], size: int) -> Iterator[Sequence[Caption]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _claim_path(out: Path, work: GroupWork) -> Path:
+    return out / ".claims" / work.cell / f"group-{work.index:06d}"
 
 
-def pending_images(folder: Path, owned: Sequence[Caption]) -> list[Caption]:
-    """Owned captions whose PNG is not finished; stale partial files of owned images are removed first."""
-    names = {f"{c.image_id}.png" for c in owned}
-    removed = io.remove_partial_files(folder, names)
+def guidance_part_path(out: Path, cell: str, index: int) -> Path:
+    """Per-group effective-guidance rows, assembled into `guidance_path` when the cell is complete."""
+    return out / "guidance" / f"{cell}.parts" / f"group-{index:06d}.csv"
+
+
+def guidance_path(out: Path, cell: str) -> Path:
+    """`{out}/guidance/{method}/cfg-{scale}/seed-{seed}.csv`: one row per image (see `guidance_rows`)."""
+    return out / "guidance" / f"{cell}.csv"
+
+
+GUIDANCE_COLUMNS = (
+    "image_id",
+    "guidance_scale",
+    "effective_scale",
+    "mean_rate",
+    "fg_mean_rate",
+    "rate_per_step",
+    "fg_rate_per_step",
+)
+
+
+def guidance_rows(
+    captions: Sequence[Caption], scale: float, rates: Sequence[Any] | None, iterations: int
+) -> list[tuple]:
+    """Effective guidance of each image of one call (item 9): the mean applied rate r per step over all pixels and over
+    the foreground, their means over steps, and the effective scale mean_steps(w·mean(r)).
+
+    `rates` is the pipeline output's `rates` (one `SCFGStepRates` per denoising-loop iteration), None for plain CFG,
+    where r = 1 at each of the `iterations` and the effective scale is exactly w.
+    """
+    rows = []
+    for i, caption in enumerate(captions):
+        if rates is None:
+            scales, means, fg = [float(scale)] * iterations, [1.0] * iterations, [1.0] * iterations
+        else:
+            scales = [float(r.guidance_scale) for r in rates]
+            means = [float(r.mean[i]) for r in rates]
+            fg = [float(r.fg_mean[i]) for r in rates]
+        effective = math.fsum(w * m for w, m in zip(scales, means)) / len(means)
+        finite_fg = [v for v in fg if math.isfinite(v)]
+        rows.append(
+            (
+                caption.image_id,
+                repr(float(scale)),
+                repr(effective),
+                repr(math.fsum(means) / len(means)),
+                repr(math.fsum(finite_fg) / len(finite_fg)) if finite_fg else "nan",
+                " ".join(map(repr, means)),
+                " ".join(map(repr, fg)),
+            )
+        )
+    return rows
+
+
+def assemble_guidance(out: Path, cell: str, groups: int) -> bool:
+    """Write the cell's guidance CSV from its per-group parts once all exist (idempotent); True when written."""
+    parts = [guidance_part_path(out, cell, g) for g in range(groups)]
+    if not all(p.is_file() for p in parts):
+        return False
+    lines = [p.read_text(encoding="utf-8").splitlines(keepends=True) for p in parts]
+    text = lines[0][0] + "".join(line for part in lines for line in part[1:])
+    target = guidance_path(out, cell)
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
+        io.atomic_write_text(target, text)
+    return True
+
+
+def read_guidance(out: Path, cell: str, image_ids: Sequence[int]) -> dict[int, float]:
+    """{image_id: effective scale} of a cell's guidance CSV; it must list exactly `image_ids`, in order."""
+    path = guidance_path(out, cell)
+    rows = io.read_table(path, {"image_id": int, "effective_scale": float})
+    found = [r["image_id"] for r in rows]
+    if found != list(image_ids):
+        raise ValueError(
+            f"{path} lists {len(found)} images, not the run's {len(image_ids)} (damaged? rerun the sweep)"
+        )
+    return {r["image_id"]: r["effective_scale"] for r in rows}
+
+
+def group_problems(plan: SweepPlan, work: GroupWork, tag: str) -> dict[Caption, str]:
+    """Images of a group that are not finished, with the reason (missing, truncated, other size, other settings…).
+
+    A finished image decodes (every chunk intact), has the manifest's size and mode and carries this cell's settings
+    tag. The group's guidance part must exist too (reported under the first caption when only it is missing).
+    """
+    folder = plan.out / work.cell
+    size = (plan.settings.width, plan.settings.height)
+    problems = {}
+    for caption in work.captions:
+        path = folder / f"{caption.image_id}.png"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            problems[caption] = "missing"
+            continue
+        problem = png_problem(data, size, {TAG_KEY: tag})
+        if problem is not None:
+            problems[caption] = problem
+    if not problems and not guidance_part_path(plan.out, work.cell, work.index).is_file():
+        problems[work.captions[0]] = "guidance record missing"
+    return problems
+
+
+def _generate_group(plan: SweepPlan, pipe: Any, work: GroupWork, tag: str, problems: dict[Caption, str]) -> int:
+    """Run the whole group in one call; write only its unfinished images and its guidance part; count files written."""
+    settings = plan.settings
+    folder = plan.out / work.cell
+    removed = io.remove_partial_files(folder, {f"{c.image_id}.png" for c in work.captions})
     if removed:
         logger.info("removed %d partial file(s) left by an interrupted run in %s", removed, folder)
-    done = set(os.listdir(folder)) if folder.is_dir() else set()
-    return [c for c in owned if f"{c.image_id}.png" not in done]
+    generator_device = pipe.device if settings.generator_device == "device" else torch.device("cpu")
+    generators = [
+        torch.Generator(generator_device).manual_seed(image_seed(work.seed, c.image_id, settings.seed_mode))
+        for c in work.captions
+    ]
+    out = pipe(
+        prompt=[c.text for c in work.captions],
+        height=settings.height,
+        width=settings.width,
+        num_inference_steps=settings.steps,
+        guidance_scale=work.scale,
+        generator=generators,
+        output_type="pil",
+        **work.method.pipeline_kwargs(),
+    )
+    written = 0
+    for caption, image in zip(work.captions, out.images):
+        if problems.get(caption, "guidance record missing") != "guidance record missing":
+            io.atomic_write_bytes(folder / f"{caption.image_id}.png", _png_bytes(image, tag))
+            written += 1
+    iterations = len(pipe.scheduler.timesteps)  # e.g. PNDM runs steps + 1 iterations
+    rows = guidance_rows(work.captions, work.scale, getattr(out, "rates", None), iterations)
+    part = guidance_part_path(plan.out, work.cell, work.index)
+    io.remove_partial_files(part.parent, {part.name})  # left by a process killed while writing it
+    io.atomic_write_text(part, io.csv_text(GUIDANCE_COLUMNS, rows))
+    return written
+
+
+def _report_damaged(work: GroupWork, problems: dict[Caption, str]) -> int:
+    damaged = {c: p for c, p in problems.items() if p not in ("missing", "guidance record missing")}
+    if damaged:
+        listed = ", ".join(f"{c.image_id}.png ({p})" for c, p in list(damaged.items())[:5])
+        more = f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+        logger.warning("%s: regenerating %d unfinished image(s): %s%s", work.cell, len(damaged), listed, more)
+    return len(damaged)
 
 
 def run_sweep(
@@ -378,46 +541,64 @@ def run_sweep(
     pipe: Any,
     shard: Shard = Shard(),
     progress: bool = False,
+    claim_timeout: float = 1800.0,
+    poll: float = 0.2,
 ) -> SweepResult:
-    """Generate the images of `plan` owned by `shard`, skipping finished ones. The manifest must already exist."""
+    """Generate the unfinished images of the caption groups `shard` owns; the manifest must already exist.
+
+    Each group is claimed (`io.try_claim`) while it runs, so concurrent sweeps on one folder split the work; groups
+    another live process holds are waited for and then re-checked. Damaged or foreign images are regenerated with
+    their whole group and named in the log.
+    """
     settings = plan.settings
     if settings.height is None or settings.width is None:
         raise ValueError("resolve the image size first (resolve_settings)")
-    owned = shard.select(plan.captions)
-    work = []
-    for method in plan.methods:
-        for scale in plan.scales:
-            for seed in plan.seeds:
-                folder = plan.out / cell_path(method.name, scale, seed)
-                work.append((method, scale, seed, folder, pending_images(folder, owned)))
-    total = sum(len(p) for *_, p in work)
-    skipped = len(owned) * len(work) - total
-    generator_device = pipe.device if settings.generator_device == "device" else torch.device("cpu")
+    groups = caption_groups(plan.captions, plan.batch_size)
+    owned = shard.select(tuple(range(len(groups))))
+    queue = [
+        GroupWork(method, float(scale), seed, g, groups[g])
+        for method in plan.methods
+        for scale in plan.scales
+        for seed in plan.seeds
+        for g in owned
+    ]
+    tags = {(w.method.name, w.scale, w.seed): image_tag(plan, w.method, w.scale, w.seed) for w in queue}
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
+    total = sum(len(w.captions) for w in queue)
     bar = tqdm(total=total, desc=f"sweep {shard.index}/{shard.count}", disable=not progress, unit="img")
-    for method, scale, seed, folder, pending in work:
-        for batch in _batches(pending, plan.batch_size):
-            generators = [
-                torch.Generator(generator_device).manual_seed(image_seed(seed, c.image_id, settings.seed_mode))
-                for c in batch
-            ]
-            images = pipe(
-                prompt=[c.text for c in batch],
-                height=settings.height,
-                width=settings.width,
-                num_inference_steps=settings.steps,
-                guidance_scale=scale,
-                generator=generators,
-                output_type="pil",
-                **method.pipeline_kwargs(),
-            ).images
-            for caption, image in zip(batch, images):
-                io.atomic_write_bytes(folder / f"{caption.image_id}.png", _png_bytes(image))
-            bar.update(len(batch))
-            bar.set_postfix_str(cell_path(method.name, scale, seed), refresh=False)
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # zlib and reads release the GIL
+        finished = list(pool.map(lambda w: not group_problems(plan, w, tags[(w.method.name, w.scale, w.seed)]), queue))
+    bar.update(sum(len(w.captions) for w, done in zip(queue, finished) if done))
+    queue = [w for w, done in zip(queue, finished) if not done]  # checked again under the claim
+    generated = replaced = 0
+    while queue:
+        waiting = []
+        for work in queue:
+            tag = tags[(work.method.name, work.scale, work.seed)]
+            claim = _claim_path(plan.out, work)
+            if not io.try_claim(claim, claim_timeout):
+                waiting.append(work)  # another process runs this group now; re-check it when released
+                continue
+            try:
+                problems = group_problems(plan, work, tag)
+                if problems:
+                    replaced += _report_damaged(work, problems)
+                    generated += _generate_group(plan, pipe, work, tag, problems)
+            finally:
+                io.release_claim(claim)
+            bar.update(len(work.captions))
+            bar.set_postfix_str(work.cell, refresh=False)
+        if waiting and len(waiting) == len(queue):
+            time.sleep(poll)
+        queue = waiting
     bar.close()
-    return SweepResult(generated=total, skipped=skipped)
+    cells = {cell_path(m.name, w, s) for m in plan.methods for w in plan.scales for s in plan.seeds}
+    for cell in sorted(cells):
+        assemble_guidance(plan.out, cell, len(groups))
+    return SweepResult(generated=generated, skipped=total - generated, replaced=replaced)
 
 
 # ---------------------------------------------------------------- CLI
@@ -425,8 +606,11 @@ def run_sweep(
 
 def _csv(cast: type) -> Any:
     def parse(text: str) -> tuple:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty item; give a comma-separated list like 2,3,7.5")
         try:
-            return tuple(cast(part) for part in text.split(",") if part.strip())
+            return tuple(cast(part) for part in parts)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {cast.__name__}") from None
 
@@ -439,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (resumes if it exists)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="protocol defaults (default: paper)")
     p.add_argument("--model", help="hub id or local path; 'tiny-random' is the offline fixture")
-    p.add_argument("--methods", type=_csv(str), help=f"comma list of {', '.join(m.name for m in METHODS)}")
+    p.add_argument("--methods", type=_csv(str), help=f"comma list of {', '.join(METHOD_NAMES)}")
     p.add_argument("--scales", type=_csv(float), help="guidance scales, e.g. 2,3,5,7.5,10")
     p.add_argument("--seeds", type=_csv(int), help="seeds, e.g. 42 or 0,1,2")
     p.add_argument("--captions", type=Path, help=f"image_id,text CSV (default: {DEFAULT_CAPTIONS.name}, COCO-30k)")
@@ -448,11 +632,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--scheduler", choices=("default", "pndm", "ddim", "dpm++"))
-    p.add_argument("--dtype", choices=("auto", *_DTYPES))
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES)
+    p.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES))
     p.add_argument("--seed-mode", choices=("same", "per-image"))
     p.add_argument("--generator-device", choices=("device", "cpu"))
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default 4)")
+    p.add_argument(
+        "--batch-size", type=int, help="prompts per pipeline call; decides pixels, fixed per --out (default 4)"
+    )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds after which another host's claim on a caption group counts as abandoned (default 1800)",
+    )
     p.add_argument("--shard", type=Shard.parse, default=Shard(), help="i/n: this job's part of the work")
     p.add_argument("--device", help="single-process device override (default: accelerate's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -479,8 +671,14 @@ def plan_from_args(args: argparse.Namespace) -> SweepPlan:
         captions=select_captions(load_captions(source), args.limit, args.subset_seed),
         source=CaptionSource(str(source), io.file_md5(source), args.limit, args.subset_seed),
         settings=settings,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size if args.batch_size is not None else _recorded_batch_size(args.out),
     )
+
+
+def _recorded_batch_size(out: Path) -> int:
+    """The batch size an existing run in `out` used (so a plain resume keeps it), else the default 4."""
+    path = out / MANIFEST
+    return int(io.read_json(path).get("batch_size", 4)) if path.is_file() else 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -511,10 +709,11 @@ def _sweep(args: argparse.Namespace) -> int:
     pipe = load_sweep_pipeline(settings, device)
     plan = dataclasses.replace(plan, settings=resolve_settings(settings, pipe, device))
     prepare_output(plan, device, write=state.is_main_process)
-    result = run_sweep(plan, pipe, shard, progress=not args.no_progress)
+    result = run_sweep(plan, pipe, shard, progress=not args.no_progress, claim_timeout=args.claim_timeout)
     state.wait_for_everyone()
+    replaced = f" ({result.replaced} replaced damaged or foreign files)" if result.replaced else ""
     print(
-        f"shard {shard.index}/{shard.count}: generated {result.generated}, "
+        f"shard {shard.index}/{shard.count}: generated {result.generated}{replaced}, "
         f"skipped {result.skipped} finished, output {plan.out}"
     )
     return 0

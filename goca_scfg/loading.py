@@ -11,6 +11,7 @@ import json
 import os
 
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 # diffusers pipeline class named in model_index.json → our subclass ("module:attribute", imported when used)
 SCFG_PIPELINES: dict[str, str] = {

@@ -10,7 +10,7 @@ from PIL import Image
 from scipy import linalg
 
 from eval import fid
-from eval.fid import FIDProtocol
+from eval.fid import FIDProtocol, feature_statistics
 
 CLEAN, T2IB = FIDProtocol("clean"), FIDProtocol("t2ib")
 
@@ -185,3 +185,39 @@ def test_local_weights_are_exposed_to_torch_hub_only_inside_the_context(tmp_path
         cached = torch.hub.get_dir() + "/checkpoints/" + fid.PYTORCH_FID_FILE
         assert open(cached, "rb").read() == b"w"
     assert torch.hub.get_dir() == before
+
+
+def _naive_unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD² with the polynomial kernel k(a, b) = (a·b / d + 1)³, written out pair by pair."""
+    d = x.shape[1]
+
+    def k(a, b):
+        return (float(a @ b) / d + 1) ** 3
+
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_is_clean_fids_kernel_distance_and_the_unbiased_mmd():
+    from cleanfid.fid import kernel_distance as clean_kid
+
+    from eval.fid import kernel_distance
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(0, 1, (30, 5)), rng.normal(0.3, 1.2, (25, 5))
+    reference = feature_statistics(real, "p", "e", keep=True)
+    state = np.random.get_state()
+    np.random.seed(0)
+    expected = clean_kid(fake, real)
+    np.random.seed(123)
+    assert kernel_distance(fake, reference) == expected  # clean-fid's number, seeded, the global RNG left alone
+    assert np.random.randint(1 << 30) == np.random.RandomState(123).randint(1 << 30)
+    np.random.set_state(state)
+    # equal sizes and one subset of all vectors (a permutation of each set): the unbiased MMD² itself
+    equal = feature_statistics(real[:25], "p", "e", keep=True)
+    assert kernel_distance(fake, equal, subsets=1) == pytest.approx(_naive_unbiased_mmd2(fake, real[:25]), rel=1e-10)
+    with pytest.raises(ValueError, match="kept no features"):
+        kernel_distance(fake, feature_statistics(real, "p", "e"))

@@ -59,3 +59,57 @@ def test_md5_and_versions(tmp_path):
     assert io.file_md5(tmp_path / "f") == "900150983cd24fb0d6963f7d28e17f72"  # md5("abc"), RFC 1321
     versions = io.package_versions(["torch", "surely-not-installed-package"])
     assert versions["torch"] and versions["surely-not-installed-package"] is None
+
+
+def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    claim = tmp_path / "claims" / "group-000001"
+    assert io.try_claim(claim) and not io.try_claim(claim)  # held by this live process
+    record = json.loads(claim.read_text())
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    io.release_claim(claim)
+    assert io.try_claim(claim)
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    here = socket.gethostname()
+    cases = {  # claim text → taken over?
+        json.dumps({"host": here, "pid": int(dead.stdout), "time": time.time()}): True,  # its process is gone
+        json.dumps({"host": "elsewhere", "pid": 1, "time": time.time()}): False,  # another host, recent
+        json.dumps({"host": "elsewhere", "pid": 1, "time": time.time() - 7200}): True,  # older than the timeout
+        "": False,  # being written right now
+    }
+    for text, stale in cases.items():
+        claim.write_text(text)
+        assert io.try_claim(claim, timeout=3600) == stale, text
+    claim.write_text("")
+    os.utime(claim, (time.time() - 120, time.time() - 120))
+    assert io.try_claim(claim)  # an empty claim whose writer died long ago
+    assert sorted(p.name for p in claim.parent.iterdir()) == ["group-000001"]
+
+
+def test_png_problems_are_named(tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from eval.images import png_problem
+
+    info = PngInfo()
+    info.add_text("k", "v")
+    buffer = tmp_path / "a.png"
+    Image.new("RGB", (16, 8), (10, 20, 30)).save(buffer, pnginfo=info)
+    data = buffer.read_bytes()
+    assert png_problem(data, (16, 8), {"k": "v"}) is None
+    assert png_problem(data, (8, 16)) == "RGB 16x8, expected RGB 8x16"
+    assert png_problem(data, (16, 8), {"k": "w"}) == "written with other settings (k='v', expected 'w')"
+    assert png_problem(b"", (16, 8)) == "empty file"
+    assert png_problem(b"GIF89a", (16, 8)) == "not a PNG"
+    assert png_problem(data[:-5], (16, 8)) == "truncated"
+    middle = len(data) - 20  # inside the pixel data
+    flipped = data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :]
+    assert png_problem(flipped, (16, 8)) == "damaged IDAT chunk (CRC mismatch)"
+    assert png_problem(data + b"x", (16, 8)) == "data after the end chunk"

@@ -5,6 +5,7 @@ so these tests need no pipeline."""
 from __future__ import annotations
 
 import csv
+import math
 import re
 from pathlib import Path
 
@@ -41,11 +42,11 @@ def _features(paths) -> np.ndarray:
 def _random_png(path: Path, rng: np.random.Generator) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     base = rng.integers(0, 256, 3)
-    noise = rng.integers(-40, 40, (24, 24, 3))
+    noise = rng.integers(-40, 40, (64, 64, 3))
     Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(path)
 
 
-def _make_run(out: Path, methods=("cfg", "goca"), seeds=(0, 1), captions=CAPTIONS) -> Path:
+def _make_run(out: Path, methods=("cfg", "goca"), seeds=(0, 1), captions=CAPTIONS, seed=0) -> Path:
     plan = sweep.SweepPlan(
         out=out,
         methods=tuple(sweep.get_method(m) for m in methods),
@@ -56,7 +57,7 @@ def _make_run(out: Path, methods=("cfg", "goca"), seeds=(0, 1), captions=CAPTION
         settings=sweep.GenerationSettings(model="tiny-random", dtype="fp32", steps=2, height=64, width=64),
     )
     sweep.prepare_output(plan, torch.device("cpu"), write=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for cell in sweep.io.read_json(plan.out / "manifest.json")["cells"]:
         for c in captions:
             _random_png(plan.out / cell["path"] / f"{c.image_id}.png", rng)
@@ -91,15 +92,21 @@ class _StandInCLIPModel:
         return table[tokens % 64].sum(dim=1)
 
 
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1) + 0.1
+
+
+def _tokens(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[ord(ch) for ch in text[:8].ljust(8)] for text in texts])
+
+
+def _stand_in_clip() -> LoadedCLIP:
+    return LoadedCLIP(CLIPSpec("stand-in", None), _StandInCLIPModel(), _pixels, _tokens)
+
+
 @pytest.fixture
 def clip() -> LoadedCLIP:
-    def pixels(image: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1) + 0.1
-
-    def tokens(texts: list[str]) -> torch.Tensor:
-        return torch.tensor([[ord(ch) for ch in text[:8].ljust(8)] for text in texts])
-
-    return LoadedCLIP(CLIPSpec("stand-in", None), _StandInCLIPModel(), pixels, tokens)
+    return _stand_in_clip()
 
 
 def _reference_clip(clip: LoadedCLIP, path: Path, caption: str) -> float:
@@ -166,6 +173,12 @@ def test_an_unexpected_image_is_refused(run, fid_setup):
 
 def test_a_corrupt_png_is_named(run, fid_setup):
     (run / "cfg/cfg-3.0/seed-1/22.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(
+        ValueError, match=r"cfg/cfg-3.0/seed-1: 1 image\(s\) unreadable or not RGB 64x64, e.g. 22\.png"
+    ):
+        metrics.score_run(run, fid_setup)
+    data = (run / "goca/cfg-3.0/seed-0/33.png").read_bytes()
+    (run / "cfg/cfg-3.0/seed-1/22.png").write_bytes(data[: len(data) // 2])  # header intact, pixels truncated
     with pytest.raises(ValueError, match=r"cannot read image .*cfg-3.0/seed-1/22\.png"):
         metrics.score_run(run, fid_setup)
 
@@ -189,3 +202,116 @@ def test_cli_clip_only_with_random_weights(tmp_path, capsys):
     assert metrics.main(["score", "--run", str(run), "--no-fid", "--clip-pretrained", "none", "--workers", "0"]) == 0
     assert "ViT-B-32/random" in capsys.readouterr().out
     assert (run / "metrics" / "clip_per_image.csv").is_file()
+
+
+def _rows(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {(r["method"], r["seed"]): r for r in csv.DictReader(f)}
+
+
+def test_replacing_one_image_rescores_its_cell_without_force(run, fid_setup, clip, tmp_path):
+    first = _rows(metrics.score_run(run, fid_setup, clip))
+    assert all(math.isfinite(float(r["kid"])) for r in first.values())  # the reference kept its features
+    _random_png(run / "goca/cfg-3.0/seed-1/22.png", np.random.default_rng(7))
+    second = _rows(metrics.score_run(run, fid_setup, clip))
+    changed = {k for k in first if first[k] != second[k]}
+    assert changed == {("goca", "1")}
+    for column in ("fid", "kid", "clip", "images_digest"):
+        assert first[("goca", "1")][column] != second[("goca", "1")][column]
+    assert _rows(metrics.score_run(run, fid_setup, clip, force=True)) == second  # = a fresh computation
+
+
+def test_reference_stats_follow_their_image_bytes(tmp_path, caplog):
+    rng = np.random.default_rng(2)
+    files = [tmp_path / "real" / f"{i}.png" for i in range(6)]
+    for path in files:
+        _random_png(path, rng)
+    args = ("toy", tmp_path / "stats", PROTOCOL, _stand_in, "standin")
+    before = load_stats(metrics.reference_stats(files, *args))
+    assert before.features.shape == (6, 3) and before.images_digest == sweep.io.files_digest(files)
+    _random_png(files[4], rng)
+    with caplog.at_level("WARNING"):
+        after = load_stats(metrics.reference_stats(files, *args))
+    assert "changed since it was computed" in caplog.text
+    assert not np.array_equal(before.mu, after.mu)
+    np.testing.assert_allclose(after.mu, _features(files).mean(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("mode", "size"), [("RGB", (32, 32)), ("L", (64, 64)), ("RGBA", (64, 64))])
+def test_images_unlike_the_manifest_are_refused_before_scoring(run, fid_setup, mode, size):
+    Image.new(mode, size).save(run / "cfg/cfg-3.0/seed-0/44.png")
+    expected = (
+        rf"cfg/cfg-3.0/seed-0: 1 image\(s\) unreadable or not RGB 64x64, e.g. 44\.png: {mode} {size[0]}x{size[1]}"
+    )
+
+    def must_not_run(x):
+        raise AssertionError("features computed before the check")
+
+    with pytest.raises(ValueError, match=expected):
+        metrics.score_run(run, metrics.FIDSetup(fid_setup.reference, "toy", PROTOCOL, must_not_run, "standin"))
+
+
+def test_effective_scale_comes_from_the_guidance_records(run, fid_setup):
+    for cell in sweep.io.read_json(run / "manifest.json")["cells"]:
+        rows = sweep.guidance_rows(CAPTIONS, 3.0, None, iterations=3)
+        sweep.io.atomic_write_text(
+            sweep.guidance_path(run, cell["path"]), sweep.io.csv_text(sweep.GUIDANCE_COLUMNS, rows)
+        )
+    scores = _rows(metrics.score_run(run, fid_setup))
+    assert {r["effective_scale"] for r in scores.values()} == {"3.0"}
+    path = sweep.guidance_path(run, "goca/cfg-3.0/seed-1")
+    path.write_text(path.read_text()[:-30])  # truncated last line
+    with pytest.raises(ValueError, match=r"seed-1\.csv, line 5: \d fields, expected 7"):
+        metrics.score_run(run, fid_setup)
+
+
+def test_missing_clip_weights_give_one_line_naming_the_cache_and_the_flag(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert metrics.main(["score", "--run", str(run), "--no-fid", "--no-download"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "CLIP weights ViT-B-32/openai are not in" in err and "models--timm--vit_base_patch32_clip_224.openai" in err
+    assert "--no-download" in err and "--clip-weights FILE" in err
+
+
+def test_paper_preset_is_the_t2ib_protocol(capsys):
+    parser = metrics.build_parser()
+    for command in (["score", "--run", "r"], ["ref-stats", "--images", "i"]):
+        assert metrics._protocol(parser.parse_args([*command, "--preset", "paper"])) == FIDProtocol("t2ib")
+        assert metrics._protocol(parser.parse_args(command)) == FIDProtocol("clean")
+    with pytest.raises(ValueError, match="--preset paper scores with --mode t2ib"):
+        metrics._protocol(parser.parse_args(["score", "--run", "r", "--preset", "paper", "--mode", "clean"]))
+
+
+def _score_in_group(rank: int, world: int, rendezvous: str, run: str, reference: str) -> None:
+    """One process of a gloo group on the CPU scoring `run` (torch.multiprocessing.spawn target)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        fid = metrics.FIDSetup(load_stats(reference), "toy", PROTOCOL, _stand_in, "standin")
+        metrics.score_run(run, fid, _stand_in_clip(), batch_size=3)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_score_exactly_like_one(tmp_path, fid_setup):
+    five = (*CAPTIONS, Caption(55, "a boat"))  # batches of 3: [0, 1, 2] on process 0, [3, 4] on process 1
+    one, two = (_make_run(tmp_path / name, captions=five, seed=3) for name in ("one", "two"))
+    reference = next((tmp_path / "stats").iterdir())
+    metrics.score_run(
+        one, metrics.FIDSetup(load_stats(reference), "toy", PROTOCOL, _stand_in, "standin"), _stand_in_clip(), 3
+    )
+    args = (2, str(tmp_path / "rendezvous"), str(two), str(reference))
+    torch.multiprocessing.spawn(_score_in_group, args=args, nprocs=2, join=True)
+    for name in ("scores.csv", "clip_per_image.csv"):
+        assert (two / "metrics" / name).read_text() == (one / "metrics" / name).read_text()
+    with pytest.raises(AssertionError):  # the comparison can fail: other images give other digits
+        assert (one / "metrics" / "scores.csv").read_text() == _score_copy(tmp_path, five)
+
+
+def _score_copy(tmp_path: Path, captions) -> str:
+    other = _make_run(tmp_path / "other", captions=captions, seed=4)
+    fid = metrics.FIDSetup(load_stats(next((tmp_path / "stats").iterdir())), "toy", PROTOCOL, _stand_in, "standin")
+    return metrics.score_run(other, fid, _stand_in_clip(), 3).read_text()

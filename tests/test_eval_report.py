@@ -75,7 +75,9 @@ def test_table9_mean_std_and_paired_comparisons(tmp_path):
     assert results["cfg"]["fid_diff_vs_cfg"] == ""
 
     table9 = paths["table9"].read_text(encoding="utf-8").splitlines()
-    assert table9[0].startswith("| Method | w | seeds | FID↓ | CLIP↑ |")
+    assert table9[0].startswith("| Method | w | w_eff | seeds | FID↓ | KID↓ | CLIP↑ |")
+    assert "resampling images (all seeds of an image together)" in paths["table9"].read_text(encoding="utf-8")
+    assert results["goca"]["clip_ci_unit"] == "image" and results["cfg"]["clip_ci_unit"] == ""
     goca_line = next(line for line in table9 if line.startswith("| GoCA+S-CFG"))
     assert f"{np.mean(goca):.2f} ± {np.std(goca, ddof=1):.2f}" in goca_line
     assert f"p={test.p:.3g}" in goca_line and "+0.400 [+0.400, +0.400]" in goca_line
@@ -108,3 +110,43 @@ def test_bad_scores_files(tmp_path):
     _write_scores(tmp_path / "b.csv", [("cfg", 3.0, 0, 1, 1.0, 1.0, ""), ("cfg", 3.0, 0, 1, 2.0, 1.0, "")])
     with pytest.raises(ValueError, match="duplicate"):
         report.read_scores(tmp_path / "b.csv")
+
+
+def _write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_damaged_csvs_fail_with_file_and_line(tmp_path):
+    header = "method,scale,seed,n_images,fid,clip\n"
+    truncated = _write(tmp_path / "t.csv", header + "cfg,3,0,2,30.5,29.1\ngoca,3,0,2,28.0\n")
+    with pytest.raises(ValueError, match=r"t\.csv, line 3: 5 fields, expected 6 \(damaged or truncated"):
+        report.read_scores(truncated)
+    garbage = _write(tmp_path / "g.csv", header + "cfg,3,0,2,30.5,29.1\ngoca,3,x,2,28.0,29.0\n")
+    with pytest.raises(ValueError, match=r"g\.csv, line 3: bad seed 'x'"):
+        report.read_scores(garbage)
+    with pytest.raises(ValueError, match=r"e\.csv: empty file"):
+        report.read_scores(_write(tmp_path / "e.csv", ""))
+    scores = _write(tmp_path / "s.csv", header + "cfg,3,0,2,30.5,29.1\ngoca,3,0,2,28.0,29.4\n")
+    per_image = "method,scale,seed,image_id,clip\ncfg,3,0,1,29.0\ncfg,3,0,2,29.2\ngoca,3,0,1,29.4\ngoca,3,0,2,2"
+    with pytest.raises(
+        ValueError, match=r"p\.csv has 1 per-image CLIP scores for goca w=3 seed 0, but scores.csv says 2"
+    ):
+        report.build_report(scores, tmp_path / "out", _write(tmp_path / "p.csv", per_image.rsplit("\n", 1)[0]))
+    with pytest.raises(ValueError, match=r"q\.csv, line 5: 3 fields, expected 5"):
+        report.build_report(scores, tmp_path / "out", _write(tmp_path / "q.csv", per_image[:-5]))
+    assert report.main(["--scores", str(truncated)]) == 2
+
+
+def test_effective_scale_and_kid_columns_and_plot(tmp_path):
+    header = "method,scale,seed,n_images,fid,kid,clip,effective_scale\n"
+    rows = "cfg,3,0,4,30,0.01,29,3.0\ncfg,5,0,4,25,0.008,30,5.0\n"
+    rows += "goca,3,0,4,28,0.009,29.5,2.7\ngoca,5,0,4,24,0.007,30.2,4.4\n"
+    paths = report.build_report(_write(tmp_path / "scores.csv", header + rows), tmp_path / "out")
+    with open(paths["results"], newline="", encoding="utf-8") as f:
+        results = {(r["method"], r["scale"]): r for r in csv.DictReader(f)}
+    assert (
+        results[("goca", "5")]["effective_scale_mean"] == "4.4000" and results[("cfg", "3")]["kid_mean"] == "0.010000"
+    )
+    with Image.open(paths["effective"]) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 200

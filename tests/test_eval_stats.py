@@ -82,3 +82,23 @@ def test_bootstrap_is_reproducible_and_shift_equivariant():
     assert a.low < a.mean < a.high
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_ci(d, confidence=1.5)
+
+
+def test_bootstrap_by_image_keeps_the_seeds_of_an_image_together():
+    """3 seeds × 200 images whose effect repeats across seeds: only 200 independent units, not 600."""
+    rng = np.random.default_rng(0)
+    effect = rng.normal(0.2, 1.0, 200)
+    diffs = np.concatenate([effect + rng.normal(0, 0.1, 200) for _ in range(3)])  # seed-major, as the report pairs
+    images = np.tile(np.arange(200), 3)
+    by_image = bootstrap_ci(diffs, n_resamples=4000, seed=1, units=images)
+    per_pair = bootstrap_ci(diffs, n_resamples=4000, seed=1)
+    per_image_means = diffs.reshape(3, 200).mean(axis=0)
+    assert by_image.n == 200 and per_pair.n == 600 and by_image.mean == pytest.approx(diffs.mean())
+    half = 1.959964 * per_image_means.std(ddof=1) / math.sqrt(200)  # the image-level width (CLT)
+    assert by_image.high - by_image.low == pytest.approx(2 * half, rel=0.1)
+    assert (by_image.high - by_image.low) / (per_pair.high - per_pair.low) > 1.6  # pairs as units: ~√3 too narrow
+    # equal seeds per image: the same interval as bootstrapping the per-image means
+    means_only = bootstrap_ci(per_image_means, n_resamples=4000, seed=1)
+    assert (by_image.low, by_image.high) == pytest.approx((means_only.low, means_only.high), rel=1e-9)
+    with pytest.raises(ValueError, match="one unit per difference"):
+        bootstrap_ci(diffs, units=images[:10])

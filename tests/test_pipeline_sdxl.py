@@ -73,7 +73,8 @@ def test_blank_uncond_takes_the_foreground_from_the_cond_branch():
     kw = _kwargs(output_type="latent", height=128, width=128)
     for seg in ("goca", "scfg"):
         blank = pipe(PROMPTS, generator=_gens(2), segmentor=seg, return_maps=True, **kw)
-        named = pipe(PROMPTS, negative_prompt=["blurry"] * 2, generator=_gens(2), segmentor=seg, **kw, return_maps=True)
+        negative = ["blurry"] * 2
+        named = pipe(PROMPTS, negative_prompt=negative, generator=_gens(2), segmentor=seg, return_maps=True, **kw)
         assert 0 < blank.maps[0].foreground.float().mean() < 1 and named.maps[-1].foreground.any()
 
 
