@@ -2,9 +2,9 @@
 
 At every denoising step the UNet's own attention (recorded by `capture`) is segmented (`segment.scfg` or
 `segment.goca`), turned into a rate map (`guidance`), and ε̂ = ε_u + w·r⊙Δ replaces ε_u + w·Δ. The loop is
-diffusers' `StableDiffusionPipeline.__call__` with the lines marked `# [S-CFG]` changed; with `segmentor=None`
-it computes exactly what diffusers computes (tested bit for bit). Deviation: torch_xla's `mark_step` calls are
-left out of the copied loop.
+diffusers' `StableDiffusionPipeline.__call__`, byte for byte except the lines marked `# [S-CFG]` (a test diffs it
+against the installed diffusers); with `segmentor=None` it computes exactly what diffusers computes (tested bit
+for bit).
 """
 
 from __future__ import annotations
@@ -19,14 +19,22 @@ from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    XLA_AVAILABLE,
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
 from diffusers.utils import deprecate
 
 from .capture import capture_attention
+from .checks import check_call_inputs
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
 from .segment import Segmentor, make_segmentor
+
+if XLA_AVAILABLE:
+    import torch_xla.core.xla_model as xm
 
 
 @dataclass
@@ -86,22 +94,43 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         segmentor: str | Segmentor | None = DEFAULT_SEGMENTOR,  # [S-CFG]
         scfg_config: SCFGConfig | None = None,  # [S-CFG]
         goca_config: GoCAConfig | None = None,  # [S-CFG]
         return_maps: bool = False,  # [S-CFG]
         **kwargs,
-    ) -> StableDiffusionSCFGPipelineOutput | tuple:
+    ) -> StableDiffusionSCFGPipelineOutput | tuple:  # [S-CFG]
+        r"""
+        [`StableDiffusionPipeline.__call__`] with spatially adaptive guidance; the new keyword arguments come last.
+
+        Args:
+            segmentor (`str`, `Segmentor` or `None`, defaults to `"goca"`):
+                `"goca"`: GoCA masks (auto head/layer aggregation + per-pixel rescaling, CVPR 2026); `"scfg"`: the
+                official S-CFG masks (CVPR 2024); a `Segmentor` instance (your own method); `None`: plain CFG,
+                identical to `StableDiffusionPipeline`. Nothing is segmented when `guidance_scale <= 1`.
+            scfg_config (`SCFGConfig`, *optional*): rate clamp, cap, smoothing and the S-CFG segmentation settings.
+            goca_config (`GoCAConfig`, *optional*): GoCA settings (`GoCAConfig.vanilla()` for the Table-2 baseline).
+            return_maps (`bool`, defaults to `False`): add `maps`, one `SCFGStepMaps` per denoising step.
+        """
+
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", None)
         if kwargs:  # [S-CFG] diffusers ignores unknown keywords; a misspelt S-CFG argument must not pass silently
             raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
 
         if callback is not None:
-            deprecate("callback", "1.0.0", "Passing `callback` is deprecated, use `callback_on_step_end`")
+            deprecate(
+                "callback",
+                "1.0.0",
+                "Passing `callback` as an input argument to `__call__` is deprecated, consider using `callback_on_step_end`",
+            )
         if callback_steps is not None:
-            deprecate("callback_steps", "1.0.0", "Passing `callback_steps` is deprecated, use `callback_on_step_end`")
+            deprecate(
+                "callback_steps",
+                "1.0.0",
+                "Passing `callback_steps` as an input argument to `__call__` is deprecated, consider using `callback_on_step_end`",
+            )
 
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -119,6 +148,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
                 else self.unet.config.sample_size[1]
             )
             height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+        # to deal with lora scaling and other possible forward hooks
 
         # 1. Check inputs. Raise error if not correct
         self.check_inputs(
@@ -133,6 +163,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs,
         )
+        check_call_inputs(num_inference_steps, guidance_scale, height, width)  # [S-CFG] (diffusers lets these pass)
         segmentor = make_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG]
 
         self._guidance_scale = guidance_scale
@@ -168,6 +199,9 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             clip_skip=self.clip_skip,
         )
 
+        # For classifier free guidance, we need to do two forward passes.
+        # Here we concatenate the unconditional and text embeddings into a single batch
+        # to avoid doing two forward passes
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
@@ -181,8 +215,11 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             )
 
         # 4. Prepare timesteps
+        timestep_device = device
+        if XLA_AVAILABLE:
+            timestep_device = "cpu"
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
+            self.scheduler, num_inference_steps, timestep_device, timesteps, sigmas
         )
 
         # 5. Prepare latent variables
@@ -198,7 +235,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             latents,
         )
 
-        # 6. Prepare extra step kwargs.
+        # 6. Prepare extra step kwargs. TODO: Logic should ideally just be moved out of the pipeline
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 6.1 Add image embeds for IP-Adapter
@@ -216,6 +253,9 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
                 guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
 
+        # 7. Denoising loop
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
         # [S-CFG] 6.3 Plan the segmentation (only when CFG is on) and record the needed attention layers
         guide = self.start_spatial_guidance(
             segmentor,
@@ -229,19 +269,17 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             negative_prompt_embeds=negative_prompt_embeds,
         )
         capture = capture_attention(self.unet, guide.requests, guide.reducers) if guide is not None else nullcontext()
-
-        # 7. Denoising loop
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = len(timesteps)
         with capture as record, self.progress_bar(total=num_inference_steps) as progress_bar:  # [S-CFG] capture
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
 
+                # expand the latents if we are doing classifier free guidance
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 if hasattr(self.scheduler, "scale_model_input"):
                     latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
 
+                # predict the noise residual
                 noise_pred = self.unet(
                     latent_model_input,
                     t,
@@ -257,12 +295,14 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     if guide is not None:  # [S-CFG] per-region scale from this call's attention
                         noise_pred = guide(i, t, record, noise_pred_uncond, noise_pred_text, self.guidance_scale)
-                    else:
+                    else:  # [S-CFG]
                         noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
 
                 if self.do_classifier_free_guidance and self.guidance_rescale > 0.0:
+                    # Based on 3.4. in https://huggingface.co/papers/2305.08891
                     noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
 
+                # compute the previous noisy sample x_t -> x_t-1
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -275,11 +315,15 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
 
+                # call the callback, if provided
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
                     if callback is not None and i % callback_steps == 0:
                         step_idx = i // getattr(self.scheduler, "order", 1)
                         callback(step_idx, t, latents)
+
+                if XLA_AVAILABLE:
+                    xm.mark_step()
 
         if not output_type == "latent":
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[
@@ -294,8 +338,11 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             do_denormalize = [True] * image.shape[0]
         else:
             do_denormalize = [not has_nsfw for has_nsfw in has_nsfw_concept]
+        if XLA_AVAILABLE:
+            xm.mark_step()
         image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
 
+        # Offload all models
         self.maybe_free_model_hooks()
 
         maps = (guide.maps if guide is not None else []) if return_maps else None  # [S-CFG]

@@ -26,6 +26,7 @@ from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from .capture import capture_attention
+from .checks import check_call_inputs
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
@@ -173,6 +174,7 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
             ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs,
         )
+        check_call_inputs(num_inference_steps, guidance_scale, height, width)  # [S-CFG] (diffusers lets these pass)
         segmentor = make_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG]
 
         self._guidance_scale = guidance_scale
