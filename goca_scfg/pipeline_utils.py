@@ -6,9 +6,11 @@ returned `SpatialGuidance` instead of the CFG line. The denoiser is found by att
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.loaders import TextualInversionLoaderMixin
 
 from .config import GoCAConfig, SCFGConfig
@@ -31,6 +33,20 @@ class SCFGPipelineMixin:
     @property
     def denoiser(self):
         return getattr(self, self.denoiser_name)
+
+    @classmethod
+    def diffusers_class(cls) -> type:
+        """The stock diffusers pipeline this class extends (e.g. `StableDiffusionPipeline`)."""
+        return next(
+            c for c in cls.__mro__ if c.__module__.startswith("diffusers.") and issubclass(c, DiffusionPipeline)
+        )
+
+    def to_json_string(self) -> str:
+        """`model_index.json` names the stock diffusers class, so a saved folder is a plain diffusers pipeline that
+        `DiffusionPipeline.from_pretrained` opens anywhere; `goca_scfg.loading` maps it back to the SCFG class."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = self.diffusers_class().__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def segmentation_tokens(self, prompt: str | list[str] | None, num_images_per_prompt: int) -> PromptTokens | None:
         """Token classes of the cond prompts as the text encoder sees them (textual-inversion tokens expanded),

@@ -21,6 +21,7 @@ from PIL import Image
 from eval import io, sweep
 from eval.captions import load_captions, parse_captions
 from eval.images import read_rgb
+from goca_scfg.vocab import METHOD_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = sweep.GenerationSettings(model="tiny-random", dtype="fp32", steps=2, height=64, width=64)
@@ -65,7 +66,7 @@ def test_method_table_maps_names_to_pipeline_kwargs():
     assert goca.segmentor == vanilla.segmentor == "goca"
     switches = [(c.head, c.layer, c.rescale) for c in (goca.goca_config, vanilla.goca_config)]
     assert switches == [("dot", "similarity", "sum1"), ("average", "average", "none")]  # Table 2: all on / all off
-    assert len({m.name for m in sweep.METHODS}) == len(sweep.METHODS)
+    assert len(set(METHOD_NAMES)) == len(METHOD_NAMES)
     with pytest.raises(ValueError, match="unknown method 'pag'"):
         sweep.get_method("pag")
 

@@ -210,6 +210,14 @@ def test_from_pipe_and_save_pretrained_roundtrip(tiny_components_factory, tmp_pa
     loaded.set_progress_bar_config(disable=True)
     b = loaded(PROMPTS[0], generator=_gens(1), segmentor="scfg", **_kwargs()).images
     assert torch.equal(torch.from_numpy(a), torch.from_numpy(b))
+    # the saved folder is a stock diffusers pipeline: DiffusionPipeline opens it without our package's help
+    from diffusers import DiffusionPipeline
+
+    from goca_scfg.loading import load_pipeline
+
+    stock = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(stock) is StableDiffusionPipeline
+    assert type(load_pipeline(str(tmp_path))) is StableDiffusionSCFGPipeline
 
 
 def test_same_seed_same_images_and_maps(tiny_components_factory):

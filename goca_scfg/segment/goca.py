@@ -382,7 +382,7 @@ _SDXL_SIGNATURE = (
     (("down", 2, 2),) * 2 + (("down", 4, 10),) * 2 + (("mid", 4, 10),) + (("up", 4, 10),) * 3 + (("up", 2, 2),) * 3
 )
 GOCA_PRESETS: list[tuple[Callable[[ModelLayout], bool], GoCAPreset]] = [
-    (  # GoCA src-main/configs/config-model/config_model_xl.py L47-135 (cross, ref), L138-149 (self), L152-157
+    (  # GoCA src-main/configs/config-model/config_model_xl.py L43 (ref), L45-123 (cross), L126-138 (self), L140-145
         lambda layout: layout.arch == "unet" and layout.signature() == _SDXL_SIGNATURE,
         GoCAPreset(
             cross=None,

@@ -1,0 +1,103 @@
+"""What diffusers users do keeps working while segmenting: torch.compile'd UNets, step-end callbacks that change the
+guidance scale, multi-vector textual inversion, and a warning where nothing can be segmented."""
+
+import logging
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from goca_scfg import StableDiffusionSCFGPipeline
+from goca_scfg.testing import _TINY, _UNET_LAYOUT, tiny_components
+
+PROMPTS = ["a red dog on a green sofa", "two cats, sleeping."]
+
+
+def _pipe(components=None):
+    pipe = StableDiffusionSCFGPipeline(**(components or tiny_components()))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _kwargs(**over):
+    kw = dict(num_inference_steps=2, height=128, width=128, guidance_scale=7.5, output_type="latent")
+    kw.update(over)
+    return kw
+
+
+def _gens(n):
+    return [torch.Generator().manual_seed(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("how", ["torch.compile"])  # `unet.compile()` keeps the names: the same path, checked by hand
+def test_compiled_unet_segments_like_the_plain_one(how):
+    """GoCA (the segmentor with the most hooks: q/k/o of every layer) through a compiled UNet; eager backend, so
+    the test checks dynamo tracing the capture hooks and the wrapped names, not inductor's kernels."""
+    pipe = _pipe()
+    kw = _kwargs(num_inference_steps=1, height=64, width=64)
+    expected = pipe(PROMPTS[0], generator=_gens(1), return_maps=True, **kw)
+    torch._dynamo.reset()
+    if how == "torch.compile":
+        pipe.unet = torch.compile(pipe.unet, backend="eager")  # names gain `_orig_mod.`; dynamo traces the hooks
+    else:
+        pipe.unet.compile(backend="eager")
+    got = pipe(PROMPTS[0], generator=_gens(1), return_maps=True, **kw)
+    assert len(got.maps) == len(expected.maps) >= 1
+    for a, b in zip(got.maps, expected.maps):
+        assert (a.labels == b.labels).float().mean() >= 0.98
+    torch.testing.assert_close(got.images, expected.images, atol=2e-2, rtol=0)
+
+
+def test_callback_changing_the_guidance_scale_is_applied_by_the_rate():
+    """w set to 20 after step 0: from step 1 on the rate is min(clamp(r, 0.8, 3), 15/w) = 0.75 everywhere."""
+
+    def raise_w(pipe, i, t, kwargs):
+        if i == 0:
+            pipe._guidance_scale = 20.0
+        return {}
+
+    pipe = _pipe()
+    kw = _kwargs(num_inference_steps=3)
+    base = pipe(PROMPTS, generator=_gens(2), return_maps=True, **kw)
+    out = pipe(PROMPTS, generator=_gens(2), return_maps=True, callback_on_step_end=raise_w, **kw)
+    assert [r.guidance_scale for r in out.rates] == [7.5] + [20.0] * (len(out.rates) - 1)
+    assert torch.equal(out.maps[0].rate, base.maps[0].rate)
+    for m in out.maps[1:]:
+        torch.testing.assert_close(m.rate, torch.full_like(m.rate, 0.75), atol=1e-6, rtol=0)
+    assert (out.images - base.images).abs().max() > 1e-3
+
+
+def test_multi_vector_textual_inversion_tokens_line_up():
+    pipe = _pipe()
+    pipe.load_textual_inversion(
+        {"<toy>": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}, token="<toy>"
+    )
+    out = pipe("a <toy> on a sofa", generator=_gens(1), return_maps=True, **_kwargs())
+    tokens = out.maps[0].tokens[0]
+    assert tokens[:8] == [
+        "<|startoftext|>",
+        "a</w>",
+        "<toy>",
+        "<toy>_1",
+        "on</w>",
+        "a</w>",
+        "sofa</w>",
+        "<|endoftext|>",
+    ]
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt("a <toy> on a sofa", pipe.tokenizer)).input_ids
+    assert pipe.tokenizer.convert_ids_to_tokens(ids) == tokens[: len(ids)]  # the ids the text encoder embedded
+    assert int(out.maps[-1].labels.max()) <= 6  # regions: <sos> or one of the six caption tokens
+
+
+def test_warns_when_nothing_can_be_segmented(caplog):
+    components = tiny_components()
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel(**_UNET_LAYOUT, **_TINY[0], time_cond_proj_dim=32).eval()
+    with caplog.at_level(logging.WARNING, logger="goca_scfg"):
+        out = _pipe(components)(PROMPTS[0], generator=_gens(1), return_maps=True, **_kwargs())
+    assert out.maps == [] and out.rates is None
+    assert "guidance-embedding denoiser" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="goca_scfg"):
+        _pipe()(PROMPTS[0], generator=_gens(1), **_kwargs(guidance_scale=1.0))
+    assert "classifier-free guidance is off (guidance_scale=1.0" in caplog.text
