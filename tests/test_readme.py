@@ -38,6 +38,7 @@ def test_first_command_is_what_ci_runs():
 def test_main_command_runs(tiny_model_dir, tmp_path):
     second = _blocks("bash")[0].strip().splitlines()[1][len(INSTALL) :]
     command = second.replace(SD15, tiny_model_dir).replace(".venv/bin/goca-scfg", f"{sys.executable} -m goca_scfg.cli")
+    command += " --steps 3"  # the command as written, on the tiny model, in fewer of its 50 default steps
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(command, shell=True, check=True, cwd=tmp_path, env=env, timeout=600)
     for name in ("corgi.png", "corgi_maps.png"):
