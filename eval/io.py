@@ -101,22 +101,23 @@ def csv_text(columns: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
     return buffer.getvalue()
 
 
-def file_md5(path: str | Path) -> str:
-    """Hex md5 of a file's bytes (manifests record the caption file they used)."""
-    digest = hashlib.md5()
+def _file_hexdigest(path: str | Path, algorithm: str) -> str:
+    """Hex digest of a file's bytes, streamed in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_md5(path: str | Path) -> str:
+    """Hex md5 of a file's bytes (manifests record the caption file they used)."""
+    return _file_hexdigest(path, "md5")
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, streamed in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes."""
+    return _file_hexdigest(path, "sha256")
 
 
 def files_digest(paths: Sequence[str | Path], workers: int = 16) -> str:

@@ -161,15 +161,19 @@ def make_scheduler(name: str = "pndm"):
     raise ValueError(f"unknown scheduler {name!r}; expected 'pndm', 'euler', 'ddim' or 'dpm++'")
 
 
-def tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dtype | None = None):
-    """A `StableDiffusionSCFGPipeline` over `tiny_components(seed)`."""
-    from .pipeline import StableDiffusionSCFGPipeline
-
-    pipe = StableDiffusionSCFGPipeline(**tiny_components(seed, scheduler))
+def _ready(pipe, torch_dtype: torch.dtype | None):
+    """A fixture pipeline cast to `torch_dtype` (fp32 stays) with its progress bars off."""
     if torch_dtype is not None and torch_dtype != torch.float32:
         pipe = pipe.to(dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dtype | None = None):
+    """A `StableDiffusionSCFGPipeline` over `tiny_components(seed)`."""
+    from .pipeline import StableDiffusionSCFGPipeline
+
+    return _ready(StableDiffusionSCFGPipeline(**tiny_components(seed, scheduler)), torch_dtype)
 
 
 # SDXL: three levels, cross-attention at latent/2 (2 blocks per module) and latent/4 (10), two CLIP encoders whose
@@ -246,11 +250,7 @@ def tiny_xl_pipeline(seed: int = 0, scheduler: str = "euler", torch_dtype: torch
     """A `StableDiffusionXLSCFGPipeline` over `tiny_xl_components(seed)`."""
     from .pipeline_sdxl import StableDiffusionXLSCFGPipeline
 
-    pipe = StableDiffusionXLSCFGPipeline(**tiny_xl_components(seed, scheduler))
-    if torch_dtype is not None and torch_dtype != torch.float32:
-        pipe = pipe.to(dtype=torch_dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _ready(StableDiffusionXLSCFGPipeline(**tiny_xl_components(seed, scheduler)), torch_dtype)
 
 
 # diffusers' StableDiffusionPipeline fast-test UNet (tests/pipelines/stable_diffusion/test_stable_diffusion.py)
