@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from goca_scfg.config import GoCAConfig
 from goca_scfg.ops import attention_probs, minmax_per_token, resize_bilinear, resize_nearest
@@ -367,4 +368,32 @@ def test_sd15_shaped_fast_paths():
     s = sum(_reference_head_mean(q, k, 8, 40**-0.5) for q, k in zip(qs, ks)) / 3
     ref = (s @ (s @ x.flatten(2).transpose(1, 2))).transpose(1, 2).reshape(x.shape)
     got = propagate_self_attention(x, qs, ks, [8] * 3, [40**-0.5] * 3, 2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_sdxl_shaped_fast_paths():
+    """At SDXL shapes (1024 px: dense query 64²×640; 10 heads of 64 channels at 64², 20 at 32²; 70 cross layers;
+    propagation blocks at 64² — 3 of SDXL's 7, to keep the naive reference affordable): the chunked similarity, the
+    grouped layer sum and the fused propagation equal their naive forms."""
+    g = _gen(10)
+    dense = torch.randn(1, 4096, 640, generator=g) * 0.1
+    pseudo = pseudo_self_attention(dense)
+    for hw, heads in [((64, 64), 10), ((32, 32), 20)]:
+        n = hw[0] * hw[1]
+        q, k = torch.randn(1, n, heads * 64, generator=g), torch.randn(1, n, heads * 64, generator=g)
+        full = _reference_head_mean(q, k, heads, 64**-0.5)
+        ref = (pseudo * resize_self_map(full, hw, (64, 64))).sum((1, 2))
+        got = layer_similarity(pseudo, q, k, heads, 64**-0.5, hw, (64, 64))
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+    maps = [torch.rand(1, 77, *hw, generator=g) for hw in [(64, 64)] * 10 + [(32, 32)] * 60]
+    weights = torch.rand(1, 70, generator=g)
+    total = sum(weights[0, i] * F.interpolate(m, size=(64, 64), mode="bilinear") for i, m in enumerate(maps))
+    ref = total.clamp_min(0) / total.clamp_min(0).sum(1, keepdim=True)
+    torch.testing.assert_close(aggregate_layers(maps, weights, (64, 64), 1e-12), ref, atol=1e-6, rtol=1e-5)
+    qs = [torch.randn(1, 4096, 640, generator=g) * 0.2 for _ in range(3)]
+    ks = [torch.randn(1, 4096, 640, generator=g) * 0.2 for _ in range(3)]
+    x = torch.rand(1, 9, 64, 64, generator=g)
+    s = sum(_reference_head_mean(q, k, 10, 64**-0.5) for q, k in zip(qs, ks)) / 3
+    ref = (s @ (s @ x.flatten(2).transpose(1, 2))).transpose(1, 2).reshape(x.shape)
+    got = propagate_self_attention(x, qs, ks, [10] * 3, [64**-0.5] * 3, 2)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
