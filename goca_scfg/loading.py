@@ -11,15 +11,19 @@ import json
 import os
 
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PIXART_SIGMA_MODEL_ID = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"  # the authors' PixArt-Sigma (algorithm.md §8.3)
 
 # diffusers pipeline class named in model_index.json → our subclass ("module:attribute", imported when used)
 SCFG_PIPELINES: dict[str, str] = {
     "StableDiffusionPipeline": "goca_scfg.pipeline:StableDiffusionSCFGPipeline",
     "StableDiffusionSCFGPipeline": "goca_scfg.pipeline:StableDiffusionSCFGPipeline",
+    "PixArtSigmaPipeline": "goca_scfg.pipeline_pixart:PixArtSigmaSCFGPipeline",
+    "PixArtSigmaSCFGPipeline": "goca_scfg.pipeline_pixart:PixArtSigmaSCFGPipeline",
 }
 # offline tiny random models (no download): name → builder(seed, scheduler, torch_dtype) of a ready pipeline
 TINY_MODELS: dict[str, str] = {
     "tiny-random": "goca_scfg.testing:tiny_pipeline",
+    "tiny-random-pixart": "goca_scfg.testing:tiny_pixart_pipeline",
 }
 
 
