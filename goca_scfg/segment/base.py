@@ -22,12 +22,15 @@ from ..tokens import PromptTokens
 @dataclass(frozen=True)
 class SegmentationContext:
     """What one pipeline call tells its segmentor: the denoiser's layout, the latent (h, w), the batch size B
-    (images per call, one CFG half) and the cond prompts' token classes (None when only embeddings were given)."""
+    (images per call, one CFG half), the cond prompts' token classes (None when only embeddings were given) and the
+    (2B, T) text positions the cross-attention attends, [uncond, cond] (a T5 pipeline's encoder attention mask; None:
+    every position, as in the CLIP pipelines)."""
 
     layout: ModelLayout
     latent_hw: tuple[int, int]
     batch: int
     tokens: PromptTokens | None
+    key_mask: Tensor | None = None
 
 
 @dataclass(frozen=True)

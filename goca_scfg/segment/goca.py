@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -211,19 +212,71 @@ def propagate_self_attention(
     aligned head sizes apply and no N×N map is materialised. Returns (B, T, H, W).
     """
     b, t, hh, ww = maps.shape
-    n = hh * ww
     x = maps.float().flatten(2).transpose(1, 2)  # (B, N, T)
     for _ in range(order):
-        acc = torch.zeros_like(x)
-        for q, k, n_heads, scale in zip(queries, keys, heads, scales):  # one block's padded q/k alive at a time
-            d = q.shape[-1] // n_heads
-            width = -(-max(d, t) // 8) * 8
-            qh = F.pad(q.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
-            kh = F.pad(k.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
-            v = F.pad(x, (0, width - t)).unsqueeze(1).expand(b, n_heads, n, width)
-            acc += F.scaled_dot_product_attention(qh, kh, v, scale=scale)[..., :t].mean(dim=1)
-        x = acc / len(queries)
+        x = mean_self_attention_apply(x, queries, keys, heads, scales)
     return x.transpose(1, 2).reshape(b, t, hh, ww)
+
+
+def mean_self_attention_apply(
+    x: Tensor, queries: list[Tensor], keys: list[Tensor], heads: list[int], scales: list[float]
+) -> Tensor:
+    """S·X with S the mean over blocks and heads of softmax(Q Kᵀ·scale), as fused attention calls with X as the
+    values (ALGORITHM §2.6, §4.3). x: (B, N, T); queries/keys: per block (B, N, C). Returns (B, N, T)."""
+    b, n, t = x.shape
+    acc = torch.zeros_like(x)
+    for q, k, n_heads, scale in zip(queries, keys, heads, scales):  # one block's padded q/k alive at a time
+        d = q.shape[-1] // n_heads
+        width = -(-max(d, t) // 8) * 8
+        qh = F.pad(q.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
+        kh = F.pad(k.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
+        v = F.pad(x, (0, width - t)).unsqueeze(1).expand(b, n_heads, n, width)
+        acc += F.scaled_dot_product_attention(qh, kh, v, scale=scale)[..., :t].mean(dim=1)
+    return acc / len(queries)
+
+
+def bilinear_matrix(size_in: int, size_out: int) -> Tensor:
+    """U (size_out, size_in): 1-D linear resize (align_corners=False) as a matrix; 2-D bilinear is U_h ⊗ U_w."""
+    eye = torch.eye(size_in).unsqueeze(1)  # (size_in, 1, size_in): one impulse per row
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[:, 0].t()
+
+
+def propagate_upsampled_self_attention(
+    maps: Tensor,
+    queries: list[Tensor],
+    keys: list[Tensor],
+    heads: list[int],
+    scales: list[float],
+    order: int,
+    grid_hw: tuple[int, int],
+) -> Tensor:
+    """C ← S̃^order·C on the maps' finer grid, S̃ = the blocks' mean self map on `grid_hw` with keys resized
+    bilinearly and queries by nearest to the maps' grid (algorithm.md §8.3; GoCA utils_sigma.py L372-384, L398-399).
+
+    maps: (B, T, H, W); queries/keys: per block (B, h·w, C) on `grid_hw` = (h, w). Exact without forming S̃:
+    S̃·X = nearest_up(S·(Uᵀ X)), Uᵀ the adjoint of the bilinear up-sampling U (separable: U_h ⊗ U_w).
+    """
+    b, t, hh, ww = maps.shape
+    h, w = grid_hw
+    u_h = bilinear_matrix(h, hh).to(maps.device)  # (H, h)
+    u_w = bilinear_matrix(w, ww).to(maps.device)  # (W, w)
+    x = maps.float()
+    for _ in range(order):
+        coarse = torch.einsum("Hh,Ww,btHW->bhwt", u_h, u_w, x).reshape(b, h * w, t)  # Uᵀ X
+        coarse = mean_self_attention_apply(coarse, queries, keys, heads, scales)
+        x = resize_nearest(coarse.transpose(1, 2).reshape(b, t, h, w), (hh, ww))
+    return x
+
+
+def propagate(maps: Tensor, propagation: PropagationInputs) -> Tensor:
+    """Propagation on the maps' grid: directly where the self-attention layers share it (SD v1.5), else through
+    their up-sampled maps (PixArt-Sigma's latent-size segmentation from latent/2 blocks, algorithm.md §8.3)."""
+    n = propagation.queries[0].shape[1]
+    hw = tuple(maps.shape[-2:])
+    args = (propagation.queries, propagation.keys, propagation.heads, propagation.scales, propagation.order)
+    if n == hw[0] * hw[1]:
+        return propagate_self_attention(maps, *args)
+    return propagate_upsampled_self_attention(maps, *args, grid_shape(n, hw))
 
 
 # ----------------------------------------------------------------------------------------------- §2.7 masks
@@ -236,6 +289,17 @@ def goca_region_masks(pos: Tensor, live_tokens: Tensor) -> Tensor:
     """
     pos = pos * live_tokens.to(pos.dtype).view(*live_tokens.shape, 1, 1)
     return (pos == pos.amax(dim=1, keepdim=True)).float()
+
+
+def global_token_into_uncond(agg: Tensor, global_index: Tensor) -> Tensor:
+    """G with the uncond half's channel 0 replaced by the cond half's global-token map G_c(·, g_b), per sample, so
+    the foreground comes from the cond branch (algorithm.md §8.3; GoCA utils_sigma.py L329-330, PixArt-Sigma).
+
+    agg: (2B, T, H, W) [uncond, cond]; global_index: (B,) long (T5: the `</s>` position). Returns a new tensor.
+    """
+    g_neg, g_pos = split_cfg(agg)
+    glob = g_pos[torch.arange(g_pos.shape[0], device=agg.device), global_index.to(agg.device)]  # (B, H, W)
+    return torch.cat([torch.cat([glob.unsqueeze(1), g_neg[:, 1:]], dim=1), g_pos])
 
 
 def foreground_from_sos(sos: Tensor, threshold: float = 0.5) -> Tensor:
@@ -334,9 +398,7 @@ def goca_segment(
     pos = renorm_per_token(g_pos, taps, config.eps)
     both = torch.cat([pos, g_neg[:, :1]], dim=1)
     if propagation.order:
-        both = propagate_self_attention(
-            both, propagation.queries, propagation.keys, propagation.heads, propagation.scales, propagation.order
-        )
+        both = propagate(both, propagation)
     both = minmax_per_token(both, config.eps)
     pos, sos = both[:, :live_until], both[:, live_until:]
     sos = renorm_per_token(sos, taps, config.eps)
@@ -350,12 +412,26 @@ def goca_segment(
 @dataclass(frozen=True)
 class GoCAPreset:
     """The authors' GoCA layers for one published architecture (algorithm.md §8): cross blocks (None: all), the
-    dense block whose attn2 query is the similarity's reference, the propagation blocks and order."""
+    dense block whose attn2 query is the similarity's reference, the propagation blocks and order, the segmentation
+    grid's factor (None: the propagation blocks' grid) and the branch whose global token gives the foreground
+    ("uncond": the uncond map of token 0, SD; "cond": the cond `</s>` map put into the uncond half, PixArt-Sigma)."""
 
     cross: tuple[str, ...] | None
     dense: str
     self_blocks: tuple[str, ...]
     order: int
+    grid_factor: int | None = None
+    foreground: Literal["uncond", "cond"] = "uncond"
+
+
+def _pixart_blocks(first: int, last: int) -> tuple[str, ...]:
+    return tuple(f"transformer_blocks.{i}" for i in range(first, last + 1))
+
+
+def _is_pixart(layout: ModelLayout) -> bool:
+    """PixArt-α/Σ-XL/2's structure: a transformer of 28 blocks `transformer_blocks.0` … `.27` with cross-attention."""
+    blocks = [x.block for x in layout.of_kind("cross")]
+    return layout.arch == "transformer" and blocks == list(_pixart_blocks(0, 27))
 
 
 # Architectures the authors configured, recognised by their attention structure (`ModelLayout.signature`).
@@ -378,6 +454,18 @@ GOCA_PRESETS: list[tuple[Callable[[ModelLayout], bool], GoCAPreset]] = [
                 "down_blocks.1.attentions.0.transformer_blocks.1",
             ),
             order=2,
+        ),
+    ),
+    (  # GoCA src-additional/generation-experiment/configs/config_model_sigma.py L43 (ref), L45-74 (cross 10-17),
+        # L77-89 (self 10-17), L91-96 (order 5), L9 (feat_size = latent at 512 px); utils_sigma.py L329-330 (fg)
+        _is_pixart,
+        GoCAPreset(
+            cross=_pixart_blocks(10, 17),
+            dense="transformer_blocks.13",
+            self_blocks=_pixart_blocks(10, 17),
+            order=5,
+            grid_factor=1,
+            foreground="cond",
         ),
     ),
 ]
@@ -411,13 +499,15 @@ def default_self_blocks(layout: ModelLayout) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class GoCALayers:
     """The layers one GoCA call reads: cross blocks, the dense (reference-query) cross layer, the propagation self
-    layers, the order, and the segmentation grid factor (latent / factor; the propagation layers' grid)."""
+    layers, the order, the segmentation grid factor (latent / factor; by default the propagation layers' grid) and
+    the foreground's branch (`GoCAPreset.foreground`)."""
 
     cross: list[AttentionLayer]
     dense: AttentionLayer
     propagation: list[AttentionLayer]
     order: int
     factor: int
+    foreground: Literal["uncond", "cond"] = "uncond"
 
 
 def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
@@ -438,7 +528,10 @@ def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
     factors = sorted({x.factor for x in selfs})
     if len(factors) > 1:
         raise ValueError(f"GoCA's propagation blocks must share one grid; got factors {factors} for {self_names}")
-    return GoCALayers(cross, dense, selfs if order else [], order, factors[0])
+    grid = preset.grid_factor if preset and preset.grid_factor else factors[0]
+    if grid > factors[0]:
+        raise ValueError(f"GoCA's segmentation grid (factor {grid}) must not be coarser than its propagation blocks'")
+    return GoCALayers(cross, dense, selfs if order else [], order, grid, preset.foreground if preset else "uncond")
 
 
 class GoCASegmentor(Segmentor):
@@ -464,6 +557,8 @@ class GoCASegmentor(Segmentor):
         tokens = context.tokens
         self.rescale_tokens = tokens.content() if cfg.tokens == "content" else tokens.caption
         self.live_tokens = tokens.live
+        self.global_index = tokens.global_index
+        self.key_mask = context.key_mask
         self._layer_weights: Tensor | None = None
         layout = context.layout
         self.self_of = {x.name: layout.sibling(x, "self").name for x in self.layers.cross}
@@ -486,8 +581,10 @@ class GoCASegmentor(Segmentor):
         for x in layers.propagation:
             req.setdefault(x.name, set()).update({"q", "k"})
 
+        key_mask = self.key_mask
+
         def heads(t):  # §2.3 inside the forward pass: only A_ℓ (2B, N, T) is kept of each cross layer
-            return goca_head_aggregate(t.probs(), t.o, t.w_out, cfg)
+            return goca_head_aggregate(t.probs(key_mask=key_mask), t.o, t.w_out, cfg)
 
         dense_name = layers.dense.name if similarity else None
         reducers = {
@@ -520,6 +617,8 @@ class GoCASegmentor(Segmentor):
                 self._layer_weights = goca_layer_weights(inputs, dense, dense_hw, cfg)
         with record_function("goca_scfg::goca_aggregate"):
             agg = goca_aggregate(inputs, self._layer_weights, self.seg_hw, cfg)
+        if self.layers.foreground == "cond":
+            agg = global_token_into_uncond(agg, self.global_index)
         prop = [record[x.name] for x in self.layers.propagation]
         propagation = PropagationInputs(
             queries=[split_cfg(r.q)[1] for r in prop],
