@@ -5,6 +5,7 @@ from .config import GoCAConfig, SCFGConfig
 from .guidance import SCFGStepMaps, SCFGStepRates, SpatialGuidance
 from .layout import AttentionLayer, ModelLayout
 from .pipeline import StableDiffusionSCFGPipeline, StableDiffusionSCFGPipelineOutput
+from .pipeline_pixart import PixArtSigmaSCFGPipeline, PixArtSigmaSCFGPipelineOutput
 from .segment import CapturePlan, GoCASegmentor, SCFGSegmentor, SegmentationContext, Segmentor
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "GoCAConfig",
     "GoCASegmentor",
     "ModelLayout",
+    "PixArtSigmaSCFGPipeline",
+    "PixArtSigmaSCFGPipelineOutput",
     "SCFGConfig",
     "SCFGSegmentor",
     "SCFGStepMaps",

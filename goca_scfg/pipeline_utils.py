@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from diffusers.loaders import TextualInversionLoaderMixin
+from torch import Tensor
 
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SpatialGuidance
@@ -65,22 +66,26 @@ class SCFGPipelineMixin:
         goca_config: GoCAConfig | None = None,
         return_maps: bool = False,
         batch_size: int | None = None,
+        key_mask: Tensor | None = None,
+        token_options: dict | None = None,
     ) -> SpatialGuidance:
         """Plan one call's segmentation: the segmentor object, its layers on this denoiser and the token classes.
 
         batch_size: images per call (one CFG half); defaults to the prompt count times `num_images_per_prompt`.
+        key_mask: (2B, T) text positions the cross-attention attends ([uncond, cond]; the encoder attention mask of a
+        T5 pipeline), None when all are attended. token_options: extra keywords of `segmentation_tokens`.
         """
         seg = make_segmentor(segmentor, scfg_config, goca_config)
         if seg is None:
             raise ValueError("spatial_guidance needs a segmentor ('goca', 'scfg' or a Segmentor instance)")
         layout = ModelLayout.of(self.denoiser)
         latent_hw = self.check_segmentation_size(height, width, layout)
-        tokens = self.segmentation_tokens(prompt, num_images_per_prompt)
+        tokens = self.segmentation_tokens(prompt, num_images_per_prompt, **(token_options or {}))
         if batch_size is None:
             if tokens is None:
                 raise ValueError("spatial_guidance needs `prompt` or `batch_size`")
             batch_size = tokens.ids.shape[0]
-        context = SegmentationContext(layout, latent_hw, batch_size, tokens)
+        context = SegmentationContext(layout, latent_hw, batch_size, tokens, key_mask)
         return SpatialGuidance(seg, context, scfg_config or SCFGConfig(), return_maps=return_maps)
 
     def start_spatial_guidance(self, segmentor: Segmentor | None, **kwargs) -> SpatialGuidance | None:
