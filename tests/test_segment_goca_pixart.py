@@ -131,7 +131,8 @@ def test_foreground_comes_from_the_cond_branch():
     live = caption.clone()
     other = agg.clone()
     other[0] = torch.rand(other[0].shape, generator=torch.Generator().manual_seed(9))  # a different uncond half
-    runs = [goca_segment(global_token_into_uncond(a, torch.tensor([3])), prop, caption, live, GoCAConfig()) for a in (agg, other)]  # fmt: skip
+    glob = torch.tensor([3])
+    runs = [goca_segment(global_token_into_uncond(a, glob), prop, caption, live, GoCAConfig()) for a in (agg, other)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
