@@ -16,7 +16,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="goca-scfg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate one image")
-    gen.add_argument("--model", required=True, help="hub id or local path of an SD 1.x/2.x model, or 'tiny-random'")
+    gen.add_argument(
+        "--model",
+        required=True,
+        help="hub id or local path of an SD 1.x/2.x or PixArt-Sigma model, or 'tiny-random' / 'tiny-random-pixart'",
+    )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--segmentor", choices=["goca", "goca-vanilla", "scfg", "none"], default="goca")
@@ -45,9 +49,11 @@ def generate(args: argparse.Namespace) -> None:
     height, width = args.height or default_h, args.width or default_w
     segmentor = {"none": None, "goca-vanilla": "goca"}.get(args.segmentor, args.segmentor)
     goca_config = GoCAConfig.vanilla() if args.segmentor == "goca-vanilla" else GoCAConfig()
+    # each pipeline's own default negative prompt (None for SD, "" for PixArt) unless one is given
+    negative = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
     out = pipe(
         args.prompt,
-        negative_prompt=args.negative_prompt,
+        **negative,
         height=height,
         width=width,
         num_inference_steps=args.steps,
