@@ -131,3 +131,13 @@ def test_vanilla_config_runs(components):
     pipe = _pipe(components)
     out = pipe(PROMPTS[0], generator=_gens(1), goca_config=GoCAConfig.vanilla(), return_maps=True, **_kwargs())
     assert out.maps[0].labels.shape == (1, 32, 32)
+
+
+def test_saved_pixart_sigma_loads_as_ours(components, tmp_path):
+    """A diffusers PixArtSigmaPipeline folder (model_index.json) loads as PixArtSigmaSCFGPipeline, same weights."""
+    _pipe(components, PixArtSigmaPipeline).save_pretrained(tmp_path)
+    pipe = load_pipeline(str(tmp_path))
+    assert type(pipe) is PixArtSigmaSCFGPipeline
+    assert pipe.tokenizer("a red dog").input_ids == components["tokenizer"]("a red dog").input_ids
+    ref = components["transformer"].state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in pipe.transformer.state_dict().items())
