@@ -92,13 +92,16 @@ def test_guide_sees_all_eight_channels(components):
 
 
 def test_batch_equals_single_calls(components):
-    """Per-sample exactness: B prompts in one call give B separate calls' images (up to the transformer's own
-    batch-size rounding, which min–max can turn into rare near-tie label flips on a random model)."""
+    """Per-sample exactness: B prompts in one call give B separate calls' maps and images, up to the transformer's
+    own batch-size rounding. One step: after it the random tiny model's latents are in the hundreds and its maps at
+    the next step are near-flat, where min–max turns 1e-4 input differences into label flips. Exact per-sample
+    independence of the PixArt maths is tested on fixed tensors in test_segment_goca_pixart.py."""
     pipe = _pipe(components)
-    batch = pipe(PROMPTS, generator=_gens(2), segmentor="goca", return_maps=True, **_kwargs())
+    kw = _kwargs(num_inference_steps=1)
+    batch = pipe(PROMPTS, generator=_gens(2), segmentor="goca", return_maps=True, **kw)
     for i, prompt in enumerate(PROMPTS):
-        single = pipe(prompt, generator=_gens(1, base=i), segmentor="goca", return_maps=True, **_kwargs())
-        torch.testing.assert_close(batch.images[i], single.images[0], atol=2e-2, rtol=0)
+        single = pipe(prompt, generator=_gens(1, base=i), segmentor="goca", return_maps=True, **kw)
+        torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-3, rtol=0)
         assert (batch.maps[0].labels[i] == single.maps[0].labels[0]).float().mean() >= 0.99
         assert (batch.maps[0].foreground[i] == single.maps[0].foreground[0]).float().mean() >= 0.99
 

@@ -125,6 +125,26 @@ def test_pixart_segment_equals_authors_formulas():
     assert 0 < fg.mean() < 1 and masks[0, 4:].sum() == 0
 
 
+def test_batch_of_two_equals_single_samples():
+    """Global index, pad zeroing and propagation are per sample: a batch of 2 equals the two B = 1 results."""
+    (a0, p0, _), (a1, p1, _) = _pixart_inputs(6), _pixart_inputs(7)
+    caption = torch.tensor([[False, True, True, True] + [False] * 3, [True, True] + [False] * 5])
+    live = torch.tensor([[True] * 4 + [False] * 3, [True, True] + [False] * 5])  # bare ▁ at 0 in the first
+    glob = torch.tensor([4, 3])
+    agg = torch.cat([a0[:1], a1[:1], a0[1:], a1[1:]])
+    prop = PropagationInputs(
+        [torch.cat([x, y]) for x, y in zip(p0.queries, p1.queries)],
+        [torch.cat([x, y]) for x, y in zip(p0.keys, p1.keys)],
+        p0.heads, p0.scales, order=5,
+    )  # fmt: skip
+    masks, fg = goca_segment(global_token_into_uncond(agg, glob), prop, caption, live, GoCAConfig())
+    for b, (a, p) in enumerate([(a0, p0), (a1, p1)]):
+        m1, f1 = goca_segment(
+            global_token_into_uncond(a, glob[b : b + 1]), p, caption[b : b + 1], live[b : b + 1], GoCAConfig()
+        )
+        assert torch.equal(masks[b : b + 1], m1) and torch.equal(fg[b : b + 1], f1)
+
+
 def test_foreground_comes_from_the_cond_branch():
     agg, prop, _ = _pixart_inputs(3)
     caption = torch.tensor([[True, True, True, False, False, False, False]])

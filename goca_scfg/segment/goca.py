@@ -212,33 +212,43 @@ def propagate_self_attention(
     aligned head sizes apply and no N×N map is materialised. Returns (B, T, H, W).
     """
     b, t, hh, ww = maps.shape
+    n = hh * ww
     x = maps.float().flatten(2).transpose(1, 2)  # (B, N, T)
     for _ in range(order):
-        x = mean_self_attention_apply(x, queries, keys, heads, scales)
+        acc = torch.zeros_like(x)
+        for q, k, n_heads, scale in zip(queries, keys, heads, scales):  # one block's padded q/k alive at a time
+            d = q.shape[-1] // n_heads
+            width = -(-max(d, t) // 8) * 8
+            qh = F.pad(q.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
+            kh = F.pad(k.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
+            v = F.pad(x, (0, width - t)).unsqueeze(1).expand(b, n_heads, n, width)
+            acc += F.scaled_dot_product_attention(qh, kh, v, scale=scale)[..., :t].mean(dim=1)
+        x = acc / len(queries)
     return x.transpose(1, 2).reshape(b, t, hh, ww)
-
-
-def mean_self_attention_apply(
-    x: Tensor, queries: list[Tensor], keys: list[Tensor], heads: list[int], scales: list[float]
-) -> Tensor:
-    """S·X with S the mean over blocks and heads of softmax(Q Kᵀ·scale), as fused attention calls with X as the
-    values (ALGORITHM §2.6, §4.3). x: (B, N, T); queries/keys: per block (B, N, C). Returns (B, N, T)."""
-    b, n, t = x.shape
-    acc = torch.zeros_like(x)
-    for q, k, n_heads, scale in zip(queries, keys, heads, scales):  # one block's padded q/k alive at a time
-        d = q.shape[-1] // n_heads
-        width = -(-max(d, t) // 8) * 8
-        qh = F.pad(q.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
-        kh = F.pad(k.float().view(b, n, n_heads, d).transpose(1, 2), (0, width - d))
-        v = F.pad(x, (0, width - t)).unsqueeze(1).expand(b, n_heads, n, width)
-        acc += F.scaled_dot_product_attention(qh, kh, v, scale=scale)[..., :t].mean(dim=1)
-    return acc / len(queries)
 
 
 def bilinear_matrix(size_in: int, size_out: int) -> Tensor:
     """U (size_out, size_in): 1-D linear resize (align_corners=False) as a matrix; 2-D bilinear is U_h ⊗ U_w."""
     eye = torch.eye(size_in).unsqueeze(1)  # (size_in, 1, size_in): one impulse per row
     return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[:, 0].t()
+
+
+def mean_self_attention_matrix(
+    queries: list[Tensor], keys: list[Tensor], heads: list[int], scales: list[float]
+) -> Tensor:
+    """S = mean over blocks and heads of softmax(Q Kᵀ·scale), formed in bounded row chunks (ALGORITHM §2.6).
+
+    queries/keys: per block (B, n, C). Returns (B, n, n) fp32.
+    """
+    b, n, _ = queries[0].shape
+    s = torch.zeros(b, n, n, device=queries[0].device)
+    for q, k, n_heads, scale in zip(queries, keys, heads, scales):
+        qh, kh = split_heads(q.float(), n_heads), split_heads(k.float(), n_heads)
+        rows = max(1, _CHUNK_ELEMENTS // (b * n_heads * n))
+        for start in range(0, n, rows):
+            logits = qh[:, :, start : start + rows] @ kh.transpose(-1, -2) * scale
+            s[:, start : start + rows] += torch.softmax(logits, dim=-1).mean(dim=1)
+    return s / len(queries)
 
 
 def propagate_upsampled_self_attention(
@@ -254,16 +264,19 @@ def propagate_upsampled_self_attention(
     bilinearly and queries by nearest to the maps' grid (algorithm.md §8.3; GoCA utils_sigma.py L372-384, L398-399).
 
     maps: (B, T, H, W); queries/keys: per block (B, h·w, C) on `grid_hw` = (h, w). Exact without forming S̃:
-    S̃·X = nearest_up(S·(Uᵀ X)), Uᵀ the adjoint of the bilinear up-sampling U (separable: U_h ⊗ U_w).
+    S̃·X = nearest_up(S·(Uᵀ X)), Uᵀ the adjoint of the bilinear up-sampling U (separable: U_h ⊗ U_w). S lives on
+    the coarse grid (B·(h·w)² fp32, 4 MiB per image at PixArt's 512 px), so it is formed once instead of `order`
+    fused passes.
     """
     b, t, hh, ww = maps.shape
     h, w = grid_hw
     u_h = bilinear_matrix(h, hh).to(maps.device)  # (H, h)
     u_w = bilinear_matrix(w, ww).to(maps.device)  # (W, w)
+    s = mean_self_attention_matrix(queries, keys, heads, scales)
     x = maps.float()
     for _ in range(order):
         coarse = torch.einsum("Hh,Ww,btHW->bhwt", u_h, u_w, x).reshape(b, h * w, t)  # Uᵀ X
-        coarse = mean_self_attention_apply(coarse, queries, keys, heads, scales)
+        coarse = torch.bmm(s, coarse)
         x = resize_nearest(coarse.transpose(1, 2).reshape(b, t, h, w), (hh, ww))
     return x
 
