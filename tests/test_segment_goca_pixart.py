@@ -193,3 +193,50 @@ def test_other_transformers_fall_back_to_the_rules(blocks):
         ModelLayout.of(model), GoCAConfig(dense_layer="transformer_blocks.1", self_layers=("transformer_blocks.2",))
     )
     assert layers.foreground == "uncond" and layers.factor == 2 and layers.order == 2
+
+
+@torch.no_grad()
+def test_segmentor_equals_the_chain_over_both_halves():
+    """`GoCASegmentor` aggregates only the cond half for PixArt (the uncond maps are never read); it equals the pure
+    functions run on both CFG halves of a real tiny PixArt-Sigma call, with the encoder attention mask."""
+    from goca_scfg.capture import capture_attention
+    from goca_scfg.ops import grid_shape, split_cfg
+    from goca_scfg.segment.goca import (
+        CrossLayerInputs,
+        goca_aggregate,
+        goca_head_aggregate,
+        goca_layer_weights,
+    )
+    from goca_scfg.testing import tiny_pixart_pipeline
+
+    pipe = tiny_pixart_pipeline()
+    prompts = ["a red dog on a green sofa", "two cats, sleeping."]
+    emb, mask, neg, neg_mask = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=40)
+    emb, mask = torch.cat([neg, emb]), torch.cat([neg_mask, mask])
+    guide = pipe.spatial_guidance("goca", prompts, 256, 256, key_mask=mask, token_options={"max_sequence_length": 40})
+    seg, cfg = guide.segmentor, GoCAConfig()
+    x = torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with capture_attention(pipe.transformer, guide.requests) as rec:  # raw fields: no in-forward reductions
+        pipe.transformer(
+            x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=torch.tensor([500] * 4),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )  # fmt: skip
+        masks, fg = seg.segment(0, rec)
+        inputs = []
+        for layer in seg.layers.cross:
+            c, s = rec[layer.name], rec[layer.name.replace("attn2", "attn1")]
+            a = goca_head_aggregate(c.probs(key_mask=mask), c.o, c.w_out, cfg)
+            inputs.append(
+                CrossLayerInputs(a, (16, 16), self_q=s.q, self_k=s.k, self_heads=s.heads, self_scale=s.scale)
+            )
+        dense = rec["transformer_blocks.13.attn2"].q
+        agg = goca_aggregate(inputs, goca_layer_weights(inputs, dense, grid_shape(256, (32, 32)), cfg), (32, 32), cfg)
+        agg = global_token_into_uncond(agg, seg.global_index)
+        prop = [rec[x.name] for x in seg.layers.propagation]
+        propagation = PropagationInputs(
+            [split_cfg(r.q)[1] for r in prop], [split_cfg(r.k)[1] for r in prop], [r.heads for r in prop],
+            [r.scale for r in prop], order=5,
+        )  # fmt: skip
+        ref_masks, ref_fg = goca_segment(agg, propagation, seg.rescale_tokens, seg.live_tokens, cfg)
+    assert torch.equal(masks, ref_masks) and torch.equal(fg, ref_fg)
+    assert masks.shape == (2, 40, 32, 32)

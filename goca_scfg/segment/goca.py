@@ -549,7 +549,8 @@ def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
 
 class GoCASegmentor(Segmentor):
     """GoCA segmentation (CVPR 2026) at every step: auto head/layer aggregation, rescaling, propagation, masks at
-    the propagation grid brought to latent size by nearest (algorithm.md §2, §8)."""
+    the segmentation grid (the propagation blocks' or the preset's) brought to latent size by nearest
+    (algorithm.md §2, §8)."""
 
     name = "goca"
 
@@ -572,6 +573,9 @@ class GoCASegmentor(Segmentor):
         self.live_tokens = tokens.live
         self.global_index = tokens.global_index
         self.key_mask = context.key_mask
+        # foreground from the cond branch: the uncond half's maps are never read (only its channel 0, which the
+        # cond global-token map replaces), so only the cond half is aggregated
+        self.cond_only = self.layers.foreground == "cond"
         self._layer_weights: Tensor | None = None
         layout = context.layout
         self.self_of = {x.name: layout.sibling(x, "self").name for x in self.layers.cross}
@@ -594,10 +598,13 @@ class GoCASegmentor(Segmentor):
         for x in layers.propagation:
             req.setdefault(x.name, set()).update({"q", "k"})
 
-        key_mask = self.key_mask
+        key_mask, half = self.key_mask, self._half
 
-        def heads(t):  # §2.3 inside the forward pass: only A_ℓ (2B, N, T) is kept of each cross layer
-            return goca_head_aggregate(t.probs(key_mask=key_mask), t.o, t.w_out, cfg)
+        def heads(t):  # §2.3 inside the forward pass: only A_ℓ (2B, N, T) — or its cond half — is kept
+            if not self.cond_only:
+                return goca_head_aggregate(t.probs(key_mask=key_mask), t.o, t.w_out, cfg)
+            probs = attention_probs(half(t.q), half(t.k), t.heads, t.scale, key_mask=half(key_mask))
+            return goca_head_aggregate(probs, half(t.o), t.w_out, cfg)
 
         dense_name = layers.dense.name if similarity else None
         reducers = {
@@ -624,14 +631,14 @@ class GoCASegmentor(Segmentor):
         cfg = self.config
         inputs = [self._cross_inputs(record, x) for x in self.layers.cross]
         if self._layer_weights is None or step % cfg.layer_refresh == 0:
-            dense = record[self.layers.dense.name].q if cfg.layer == "similarity" else None
+            dense = self._half(record[self.layers.dense.name].q) if cfg.layer == "similarity" else None
             dense_hw = grid_shape(dense.shape[1], self.latent_hw) if dense is not None else (0, 0)
             with record_function("goca_scfg::goca_layer_weights"):
                 self._layer_weights = goca_layer_weights(inputs, dense, dense_hw, cfg)
         with record_function("goca_scfg::goca_aggregate"):
             agg = goca_aggregate(inputs, self._layer_weights, self.seg_hw, cfg)
-        if self.layers.foreground == "cond":
-            agg = global_token_into_uncond(agg, self.global_index)
+        if self.cond_only:  # (B, …) → [uncond, cond] with the uncond channel 0 the cond global-token map
+            agg = global_token_into_uncond(torch.cat([agg, agg]), self.global_index)
         prop = [record[x.name] for x in self.layers.propagation]
         propagation = PropagationInputs(
             queries=[split_cfg(r.q)[1] for r in prop],
@@ -647,19 +654,23 @@ class GoCASegmentor(Segmentor):
             )
         return resize_nearest(masks, self.latent_hw), resize_nearest(fg, self.latent_hw)
 
+    def _half(self, x: Tensor | None) -> Tensor | None:
+        """The cond half of a CFG-batch tensor when only it is segmented (`cond_only`), else the tensor."""
+        return split_cfg(x)[1] if self.cond_only and x is not None else x
+
     def _cross_inputs(self, record: AttentionRecord, layer: AttentionLayer) -> CrossLayerInputs:
         """One cross block's A_ℓ and what the layer similarity reads of its self-attention sibling."""
         attn_cross = self.reduced(record, layer.name)
         name = self.self_of[layer.name]
         rs = record[name] if self.config.layer == "similarity" else None
         mode = self.self_mode.get(name, "raw")
-        reduced = self.reduced(record, name) if mode != "raw" else None
+        reduced = self._half(self.reduced(record, name)) if mode != "raw" else None
         return CrossLayerInputs(
             attn_cross=attn_cross,
             hw=grid_shape(attn_cross.shape[1], self.latent_hw),
             self_map=reduced if mode == "map" else None,
-            self_q=reduced if mode == "even" else (rs.q if rs else None),
-            self_k=rs.k if rs else None,
+            self_q=reduced if mode == "even" else (self._half(rs.q) if rs else None),
+            self_k=self._half(rs.k) if rs else None,
             self_heads=rs.heads if rs else 1,
             self_scale=rs.scale if rs else 1.0,
         )
