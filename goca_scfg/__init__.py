@@ -19,6 +19,8 @@ _PUBLIC = {
     "SpatialGuidance": ".guidance",
     "AttentionLayer": ".layout",
     "ModelLayout": ".layout",
+    "PixArtSigmaSCFGPipeline": ".pipeline_pixart",
+    "PixArtSigmaSCFGPipelineOutput": ".pipeline_pixart",
     "StableDiffusionSCFGPipeline": ".pipeline",
     "StableDiffusionSCFGPipelineOutput": ".pipeline",
     "StableDiffusionXLSCFGPipeline": ".pipeline_sdxl",
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from .guidance import SCFGStepMaps, SCFGStepRates, SpatialGuidance
     from .layout import AttentionLayer, ModelLayout
     from .pipeline import StableDiffusionSCFGPipeline, StableDiffusionSCFGPipelineOutput
+    from .pipeline_pixart import PixArtSigmaSCFGPipeline, PixArtSigmaSCFGPipelineOutput
     from .pipeline_sdxl import StableDiffusionXLSCFGPipeline, StableDiffusionXLSCFGPipelineOutput
     from .segment import CapturePlan, GoCASegmentor, SCFGSegmentor, SegmentationContext, Segmentor
 
@@ -46,6 +49,8 @@ __all__ = [
     "GoCAConfig",
     "GoCASegmentor",
     "ModelLayout",
+    "PixArtSigmaSCFGPipeline",
+    "PixArtSigmaSCFGPipelineOutput",
     "SCFGConfig",
     "SCFGSegmentor",
     "SCFGStepMaps",

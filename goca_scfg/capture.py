@@ -39,11 +39,12 @@ class LayerTensors:
     w_out: Tensor | None = None
     reduced: Tensor | None = None
 
-    def probs(self, head_mean: bool = False) -> Tensor:
-        """softmax(Q Kᵀ·scale) in fp32: (2B, H, N, M), or the head mean (2B, N, M)."""
+    def probs(self, head_mean: bool = False, key_mask: Tensor | None = None) -> Tensor:
+        """softmax(Q Kᵀ·scale) in fp32: (2B, H, N, M), or the head mean (2B, N, M); `key_mask` (2B, M) leaves out
+        the keys the layer did not attend (an encoder attention mask)."""
         if self.q is None or self.k is None:
             raise RuntimeError("this layer was not asked to record q and k")
-        return attention_probs(self.q, self.k, self.heads, self.scale, head_mean=head_mean)
+        return attention_probs(self.q, self.k, self.heads, self.scale, head_mean=head_mean, key_mask=key_mask)
 
 
 @dataclass

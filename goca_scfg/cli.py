@@ -84,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         required=True,
-        help="hub id or local folder of a diffusers SD 1.x/2.x or SDXL model (its model_index.json picks the "
-        f"pipeline), or an offline tiny model: {', '.join(TINY_MODELS)}",
+        help="hub id or local folder of a diffusers SD 1.x/2.x, SDXL or PixArt-Sigma model (its model_index.json "
+        f"picks the pipeline), or an offline tiny model: {', '.join(TINY_MODELS)}",
     )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
@@ -273,9 +273,11 @@ def generate(args: argparse.Namespace) -> None:
     method = get_method(args.segmentor)
     kwargs = method.pipeline_kwargs()
     try:
+        # each pipeline's own default negative prompt (None for SD, "" for PixArt) unless one is given
+        negative = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
         result = pipe(
             args.prompt,
-            negative_prompt=args.negative_prompt,
+            **negative,
             height=args.height or default_h,
             width=args.width or default_w,
             num_inference_steps=args.steps,

@@ -96,7 +96,7 @@ class GoCAConfig:
     layer: LayerMethod = "similarity"  # cfg15 L27 'dot-product similarity'; vanilla 'vanilla' (cfg15v L30)
     rescale: RescaleMethod = "sum1"  # cfg15 L38 'sum-1 rescaling + per-token renorm+'; vanilla L35
     tokens: TokenSet = "caption"  # u15 L318-321: all caption tokens; "content": paper Eq. 11 (no stop words)
-    propagation_order: int | None = None  # None: the model's (SD v1.5, SDXL: 2; cfg15 L74-79, cfg_xl L140-145)
+    propagation_order: int | None = None  # None: the model's (SD v1.5, SDXL: 2, cfg15 L74-79; PixArt-Sigma: 5)
     dense_layer: str | None = None  # cfg15 L43: up_blocks.2.attentions.1 (attn2 query) in SD v1.5
     self_layers: tuple[str, ...] | None = (
         None  # cfg15 L65-72: up_blocks.3.attentions.{0,1}, down_blocks.0.attentions.1

@@ -12,6 +12,7 @@ import os
 
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+PIXART_SIGMA_MODEL_ID = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"  # the authors' PixArt-Sigma (algorithm.md §8.3)
 
 # diffusers pipeline class named in model_index.json → our subclass ("module:attribute", imported when used)
 SCFG_PIPELINES: dict[str, str] = {
@@ -19,11 +20,14 @@ SCFG_PIPELINES: dict[str, str] = {
     "StableDiffusionSCFGPipeline": "goca_scfg.pipeline:StableDiffusionSCFGPipeline",
     "StableDiffusionXLPipeline": "goca_scfg.pipeline_sdxl:StableDiffusionXLSCFGPipeline",
     "StableDiffusionXLSCFGPipeline": "goca_scfg.pipeline_sdxl:StableDiffusionXLSCFGPipeline",
+    "PixArtSigmaPipeline": "goca_scfg.pipeline_pixart:PixArtSigmaSCFGPipeline",
+    "PixArtSigmaSCFGPipeline": "goca_scfg.pipeline_pixart:PixArtSigmaSCFGPipeline",
 }
 # offline tiny random models (no download): name → builder(seed, scheduler, torch_dtype) of a ready pipeline
 TINY_MODELS: dict[str, str] = {
     "tiny-random": "goca_scfg.testing:tiny_pipeline",
     "tiny-random-xl": "goca_scfg.testing:tiny_xl_pipeline",
+    "tiny-random-pixart": "goca_scfg.testing:tiny_pixart_pipeline",
 }
 
 

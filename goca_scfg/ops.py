@@ -60,13 +60,20 @@ def minmax_per_token(x: Tensor, eps: float) -> Tensor:
     return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(x)
 
 
-def attention_probs(q: Tensor, k: Tensor, heads: int, scale: float, head_mean: bool = False) -> Tensor:
+def attention_probs(
+    q: Tensor, k: Tensor, heads: int, scale: float, head_mean: bool = False, key_mask: Tensor | None = None
+) -> Tensor:
     """softmax(Q Kᵀ · scale) per head, in fp32 (the explicit map that SDPA never materialises).
 
-    q: (B, N, C), k: (B, M, C) as produced by `to_q` / `to_k`. Returns (B, H, N, M), or (B, N, M) with `head_mean`.
+    q: (B, N, C), k: (B, M, C) as produced by `to_q` / `to_k`; key_mask: (B, M), the keys the layer attends (an
+    encoder attention mask; diffusers adds -10000 to the others, whose probabilities underflow to 0 — here -inf).
+    Returns (B, H, N, M), or (B, N, M) with `head_mean`.
     """
     q, k = split_heads(q.float(), heads), split_heads(k.float(), heads)
-    probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask.bool().to(logits.device)[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     return probs.mean(dim=1) if head_mean else probs
 
 

@@ -12,6 +12,7 @@ import logging
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import TextualInversionLoaderMixin
+from torch import Tensor
 
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SpatialGuidance
@@ -83,19 +84,23 @@ class SCFGPipelineMixin:
         return_maps: bool = False,
         batch_size: int | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        key_mask: Tensor | None = None,
+        token_options: dict | None = None,
     ) -> SpatialGuidance:
         """Plan one call's segmentation: the segmentor object, its layers on this denoiser and the token classes.
 
         batch_size: images per call (one CFG half); defaults to the prompt count times `num_images_per_prompt`.
         negative_prompt_embeds: the uncond condition, one row per image: all-zero rows (SDXL's empty negative
         prompt) take the foreground from the cond branch (algorithm.md §8.2).
+        key_mask: (2B, T) text positions the cross-attention attends ([uncond, cond]; the encoder attention mask of a
+        T5 pipeline), None when all are attended. token_options: extra keywords of `segmentation_tokens`.
         """
         seg = make_segmentor(segmentor, scfg_config, goca_config)
         if seg is None:
             raise ValueError("spatial_guidance needs a segmentor ('goca', 'scfg' or a Segmentor instance)")
         layout = ModelLayout.of(self.denoiser)
         latent_hw = self.check_segmentation_size(height, width, layout)
-        tokens = self.segmentation_tokens(prompt, num_images_per_prompt)
+        tokens = self.segmentation_tokens(prompt, num_images_per_prompt, **(token_options or {}))
         if batch_size is None:
             if tokens is None:
                 raise ValueError("spatial_guidance needs `prompt` or `batch_size`")
@@ -103,7 +108,7 @@ class SCFGPipelineMixin:
         blank = None
         if negative_prompt_embeds is not None:
             blank = negative_prompt_embeds.flatten(1).abs().amax(dim=1) == 0
-        context = SegmentationContext(layout, latent_hw, batch_size, tokens, blank)
+        context = SegmentationContext(layout, latent_hw, batch_size, tokens, key_mask, blank)
         return SpatialGuidance(seg, context, scfg_config or SCFGConfig(), return_maps=return_maps)
 
     def start_spatial_guidance(self, segmentor: Segmentor | None, **kwargs) -> SpatialGuidance | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .loading import SD15_MODEL_ID, load_pipeline, native_size, swap_scheduler  # noqa: F401 (moved; kept until eval/ imports them from loading)
+from .loading import swap_scheduler
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -265,3 +265,110 @@ DIFFUSERS_TEST_UNET = dict(  # 2 levels, cross-attention only at latent/2
     cross_attention_dim=32,
     norm_num_groups=2,
 )
+
+
+# ----------------------------------------------------------------------------------------------- PixArt-Sigma
+_T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
+
+
+def _caption_lines(limit: int) -> list[str]:
+    """The first `limit` captions of the vendored COCO-30k list (eval/data), lower-cased as PixArt's pipeline does."""
+    import csv
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "eval", "data", "coco30k_captions.csv")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))[1 : limit + 1]
+    return [row[1].lower().strip() for row in rows]
+
+
+@lru_cache(maxsize=1)
+def _t5_unigram_vocab(size: int = 1000, captions: int = 3000) -> tuple[tuple[str, float], ...]:
+    """A SentencePiece Unigram vocabulary (pieces with `▁`, log-probabilities) trained offline on vendored captions,
+    with T5's special pieces first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    trainer = trainers.UnigramTrainer(vocab_size=size, special_tokens=_T5_SPECIALS, unk_token="<unk>")
+    tok.train_from_iterator(_caption_lines(captions), trainer)
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    if [p for p, _ in vocab[:3]] != _T5_SPECIALS or "▁" not in {p for p, _ in vocab}:
+        raise RuntimeError("the trained Unigram vocabulary lacks T5's special pieces or the bare '▁' piece")
+    return tuple((p, float(s)) for p, s in vocab)
+
+
+def t5_tokenizer():
+    """transformers' `T5Tokenizer` (Unigram, `▁` metaspace, `</s>` appended, `<pad>` = 0) over a small SentencePiece
+    Unigram vocabulary trained here on the vendored captions: T5's behaviour with a 1000-piece vocabulary, offline.
+    No sentinel (`<extra_id_*>`) tokens."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=list(_t5_unigram_vocab()), extra_ids=0)
+
+
+# Tiny: PixArt-Sigma's 28 blocks (the authors' layers 10–17 exist) at minimal width; 256 px (binning bins exist).
+_TINY_PIXART = (
+    dict(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, caption_channels=16, sample_size=32),
+    dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1, sample_size=256),
+    dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2),
+)  # fmt: skip
+# PixArt-Sigma-XL-2 (1152 wide, 28 blocks, 4096-d captions) and SDXL's VAE; a one-layer 4096-d T5 (the text
+# encoder runs once per call, the transformer's cost is what the benchmarks time).
+_PIXART_SIGMA = (
+    dict(num_attention_heads=16, attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096),
+    dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2, sample_size=1024,
+         scaling_factor=0.13025),
+    dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64),
+)  # fmt: skip
+# PixArt-Sigma's published scheduler: DPM-Solver++ 2M over the linear β schedule 1e-4 … 0.02.
+_PIXART_SCHEDULER = dict(
+    beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, solver_order=2,
+    algorithm_type="dpmsolver++", prediction_type="epsilon", lower_order_final=True,
+)  # fmt: skip
+
+
+def _pixart_components(sizes: tuple[dict, dict, dict], seed: int, sample_size: int | None = None) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    transformer_cfg, vae_cfg, text_cfg = sizes
+    if sample_size is not None:
+        transformer_cfg = {**transformer_cfg, "sample_size": sample_size}
+    tokenizer = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(in_channels=4, out_channels=8, num_layers=28, **transformer_cfg)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**_VAE_LAYOUT, **vae_cfg)
+    torch.manual_seed(seed + 2)
+    text_config = T5Config(
+        vocab_size=len(tokenizer), feed_forward_proj="gated-gelu", is_encoder_decoder=False, **text_cfg
+    )
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": T5EncoderModel(text_config).eval(),
+        "vae": vae.eval(),
+        "transformer": transformer.eval(),
+        "scheduler": DPMSolverMultistepScheduler(**_PIXART_SCHEDULER),
+    }
+
+
+def tiny_pixart_components(seed: int = 0) -> dict[str, Any]:
+    """Tiny random `PixArtSigmaPipeline` components (28 blocks, 2 heads of 8, T5 of width 16, 256 px), seeded."""
+    return _pixart_components(_TINY_PIXART, seed)
+
+
+def pixart_sigma_random_components(seed: int = 0, size: int = 512) -> dict[str, Any]:
+    """PixArt-Sigma-XL-2's transformer (`size` 512 or 1024 px) and SDXL's VAE with random weights, offline, for
+    speed and memory benchmarks (the text encoder is one T5 layer of the real width)."""
+    return _pixart_components(_PIXART_SIGMA, seed, sample_size=size // 8)
+
+
+def tiny_pixart_pipeline(seed: int = 0, scheduler: str = "default", torch_dtype: torch.dtype | None = None):
+    """A `PixArtSigmaSCFGPipeline` over `tiny_pixart_components(seed)`; `scheduler` as `loading.swap_scheduler`."""
+    from .pipeline_pixart import PixArtSigmaSCFGPipeline
+
+    pipe = PixArtSigmaSCFGPipeline(**tiny_pixart_components(seed))
+    swap_scheduler(pipe, scheduler)
+    return _ready(pipe, torch_dtype)

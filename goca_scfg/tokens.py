@@ -96,3 +96,45 @@ def clip_prompt_tokens(tokenizer, prompts: list[str], num_images_per_prompt: int
         live=live_token_mask(caption),
         global_index=torch.zeros(ids.shape[0], dtype=torch.long),
     )
+
+
+# T5 pieces that are not caption tokens (GoCA utils_sigma.py L293-308): the bare word-boundary piece, end, padding.
+T5_BARE_PIECE = "▁"
+
+
+def t5_token_classes(strings: list[list[str]], eos: str, pad: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(caption, live, global_index) of T5 token strings (algorithm.md §8.3; GoCA utils_sigma.py L293-330, L410).
+
+    caption J: every position that is not `</s>`, `<pad>` or the bare `▁` piece (the rescaling set, L321-325);
+    global: the (last) `</s>` (L326-327); live: positions 0 … last caption position, which includes bare `▁` pieces
+    inside the caption but not `</s>` (every later channel is zeroed, L410-411). Deviation: a prompt without caption
+    tokens (the authors' code raises IndexError at L410) keeps only its global token live.
+    """
+    special = torch.tensor([[s in (eos, pad, T5_BARE_PIECE) for s in row] for row in strings])
+    caption = ~special
+    is_eos = torch.tensor([[s == eos for s in row] for row in strings])
+    pos = torch.arange(caption.shape[1]).expand_as(caption)
+    if not is_eos.any(dim=1).all():
+        raise ValueError("every T5-tokenized prompt needs its '</s>' (tokenize with add_special_tokens=True)")
+    global_index = torch.where(is_eos, pos, -1).amax(dim=1)
+    last = torch.where(caption, pos, -1).amax(dim=1, keepdim=True)
+    live = pos <= last  # nothing for a prompt without caption tokens (last = -1) ...
+    empty = last[:, 0] < 0
+    live[empty, global_index[empty]] = True  # ... but its global token
+    return caption, live, global_index
+
+
+def t5_prompt_tokens(
+    tokenizer, texts: list[str], num_images_per_prompt: int = 1, max_sequence_length: int = 300
+) -> PromptTokens:
+    """`PromptTokens` of T5-tokenized texts as PixArt's `encode_prompt` tokenizes them (already preprocessed;
+    padded to and truncated at `max_sequence_length`, `</s>` appended). Stop words: caption pieces whose text
+    (without `▁`) is in `STOP_WORDS`."""
+    ids = tokenizer(
+        texts, padding="max_length", max_length=max_sequence_length, truncation=True, add_special_tokens=True,
+        return_tensors="pt",
+    ).input_ids.repeat_interleave(num_images_per_prompt, dim=0)  # fmt: skip
+    strings = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+    caption, live, global_index = t5_token_classes(strings, tokenizer.eos_token, tokenizer.pad_token)
+    stop = torch.tensor([[s.replace(T5_BARE_PIECE, "") in STOP_WORDS for s in row] for row in strings]) & caption
+    return PromptTokens(ids, strings, caption, stop, live, global_index)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from goca_scfg.config import GoCAConfig, SCFGConfig
-from goca_scfg.testing import make_scheduler, swap_scheduler
+from goca_scfg.loading import swap_scheduler
+from goca_scfg.testing import make_scheduler
 from goca_scfg.vocab import (
     BASELINE,
     DTYPE_NAMES,

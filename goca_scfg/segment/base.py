@@ -23,15 +23,17 @@ from ..tokens import PromptTokens
 @dataclass(frozen=True)
 class SegmentationContext:
     """What one pipeline call tells its segmentor: the denoiser's layout, the latent (h, w), the batch size B
-    (images per call, one CFG half), the cond prompts' token classes (None when only embeddings were given) and,
-    per image, whether the uncond text condition is blank (all-zero embeddings, SDXL's default for an empty
-    negative prompt): its cross-attention is then exactly uniform and says nothing about the foreground, which is
-    taken from the cond branch instead (algorithm.md §8.2)."""
+    (images per call, one CFG half), the cond prompts' token classes (None when only embeddings were given), the
+    (2B, T) text positions the cross-attention attends, [uncond, cond] (a T5 pipeline's encoder attention mask; None:
+    every position, as in the CLIP pipelines) and, per image, whether the uncond text condition is blank (all-zero
+    embeddings, SDXL's default for an empty negative prompt): its cross-attention is then exactly uniform and says
+    nothing about the foreground, which is taken from the cond branch instead (algorithm.md §8.2)."""
 
     layout: ModelLayout
     latent_hw: tuple[int, int]
     batch: int
     tokens: PromptTokens | None
+    key_mask: Tensor | None = None
     uncond_blank: Tensor | None = None
 
     def foreground_from_cond(self) -> Tensor:

@@ -11,7 +11,8 @@ pooling for latent-resolution self maps, and S·X as fused attention with the ma
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +230,71 @@ def propagate_self_attention(
     return x.transpose(1, 2).reshape(b, t, hh, ww)
 
 
+def bilinear_matrix(size_in: int, size_out: int) -> Tensor:
+    """U (size_out, size_in): 1-D linear resize (align_corners=False) as a matrix; 2-D bilinear is U_h ⊗ U_w."""
+    eye = torch.eye(size_in).unsqueeze(1)  # (size_in, 1, size_in): one impulse per row
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[:, 0].t()
+
+
+def mean_self_attention_matrix(
+    queries: list[Tensor], keys: list[Tensor], heads: list[int], scales: list[float]
+) -> Tensor:
+    """S = mean over blocks and heads of softmax(Q Kᵀ·scale), formed in bounded row chunks (ALGORITHM §2.6).
+
+    queries/keys: per block (B, n, C). Returns (B, n, n) fp32.
+    """
+    b, n, _ = queries[0].shape
+    s = torch.zeros(b, n, n, device=queries[0].device)
+    for q, k, n_heads, scale in zip(queries, keys, heads, scales):
+        qh, kh = split_heads(q.float(), n_heads), split_heads(k.float(), n_heads)
+        rows = max(1, _CHUNK_ELEMENTS // (b * n_heads * n))
+        for start in range(0, n, rows):
+            logits = qh[:, :, start : start + rows] @ kh.transpose(-1, -2) * scale
+            s[:, start : start + rows] += torch.softmax(logits, dim=-1).mean(dim=1)
+    return s / len(queries)
+
+
+def propagate_upsampled_self_attention(
+    maps: Tensor,
+    queries: list[Tensor],
+    keys: list[Tensor],
+    heads: list[int],
+    scales: list[float],
+    order: int,
+    grid_hw: tuple[int, int],
+) -> Tensor:
+    """C ← S̃^order·C on the maps' finer grid, S̃ = the blocks' mean self map on `grid_hw` with keys resized
+    bilinearly and queries by nearest to the maps' grid (algorithm.md §8.3; GoCA utils_sigma.py L372-384, L398-399).
+
+    maps: (B, T, H, W); queries/keys: per block (B, h·w, C) on `grid_hw` = (h, w). Exact without forming S̃:
+    S̃·X = nearest_up(S·(Uᵀ X)), Uᵀ the adjoint of the bilinear up-sampling U (separable: U_h ⊗ U_w). S lives on
+    the coarse grid (B·(h·w)² fp32, 4 MiB per image at PixArt's 512 px), so it is formed once instead of `order`
+    fused passes.
+    """
+    b, t, hh, ww = maps.shape
+    h, w = grid_hw
+    u_h = bilinear_matrix(h, hh).to(maps.device)  # (H, h)
+    u_w = bilinear_matrix(w, ww).to(maps.device)  # (W, w)
+    s = mean_self_attention_matrix(queries, keys, heads, scales)
+    x = maps.float()
+    for _ in range(order):
+        coarse = torch.einsum("Hh,Ww,btHW->bhwt", u_h, u_w, x).reshape(b, h * w, t)  # Uᵀ X
+        coarse = torch.bmm(s, coarse)
+        x = resize_nearest(coarse.transpose(1, 2).reshape(b, t, h, w), (hh, ww))
+    return x
+
+
+def propagate(maps: Tensor, propagation: PropagationInputs) -> Tensor:
+    """Propagation on the maps' grid: directly where the self-attention layers share it (SD v1.5), else through
+    their up-sampled maps (PixArt-Sigma's latent-size segmentation from latent/2 blocks, algorithm.md §8.3)."""
+    n = propagation.queries[0].shape[1]
+    hw = tuple(maps.shape[-2:])
+    args = (propagation.queries, propagation.keys, propagation.heads, propagation.scales, propagation.order)
+    if n == hw[0] * hw[1]:
+        return propagate_self_attention(maps, *args)
+    return propagate_upsampled_self_attention(maps, *args, grid_shape(n, hw))
+
+
 # ----------------------------------------------------------------------------------------------- §2.7 masks
 
 
@@ -239,6 +305,21 @@ def goca_region_masks(pos: Tensor, live_tokens: Tensor) -> Tensor:
     """
     pos = pos * live_tokens.to(pos.dtype).view(*live_tokens.shape, 1, 1)
     return (pos == pos.amax(dim=1, keepdim=True)).float()
+
+
+def global_token_into_uncond(agg: Tensor, global_index: Tensor, which: Tensor | None = None) -> Tensor:
+    """G with the uncond half's channel 0 replaced by the cond half's global-token map G_c(·, g_b), per sample, so
+    the foreground comes from the cond branch (algorithm.md §8.3; GoCA utils_sigma.py L329-330, PixArt-Sigma; and
+    §8.2 for a blank uncond condition).
+
+    agg: (2B, T, H, W) [uncond, cond]; global_index: (B,) long (CLIP: 0, `<sos>`; T5: the `</s>` position);
+    which: (B,) bool, the samples to change (None: all). Returns a new tensor.
+    """
+    g_neg, g_pos = split_cfg(agg)
+    glob = g_pos[torch.arange(g_pos.shape[0], device=agg.device), global_index.to(agg.device)]  # (B, H, W)
+    if which is not None:
+        glob = torch.where(which.to(agg.device).view(-1, 1, 1), glob, g_neg[:, 0])
+    return torch.cat([torch.cat([glob.unsqueeze(1), g_neg[:, 1:]], dim=1), g_pos])
 
 
 def foreground_from_sos(sos: Tensor, threshold: float = 0.5) -> Tensor:
@@ -274,6 +355,10 @@ class PropagationInputs:
     heads: list[int]
     scales: list[float]
     order: int = 2  # SD v1.5's (cfg15 L74-79)
+
+    def sample(self, i: int) -> PropagationInputs:
+        """The inputs of sample i alone (shapes independent of the batch)."""
+        return replace(self, queries=[q[i : i + 1] for q in self.queries], keys=[k[i : i + 1] for k in self.keys])
 
 
 def goca_layer_weights(
@@ -318,15 +403,12 @@ def goca_segment(
     rescale_tokens: Tensor,
     live_tokens: Tensor,
     config: GoCAConfig,
-    fg_from_cond: Tensor | None = None,
-    global_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Masks from G (algorithm.md §2.5–2.7, pseudocode §2.8): rescale + renorm the cond half, propagate both halves
     with the cond S, pads out, argmax regions and the uncond `<sos>` foreground.
 
-    agg: (2B, T, H, W) from `goca_aggregate`; rescale_tokens / live_tokens: (B, T) bool of the cond prompts;
-    fg_from_cond: (B,) bool, images whose foreground map is the cond half's global token (`global_index`, default
-    0) instead of the uncond `<sos>` (a blank uncond condition, algorithm.md §8.2).
+    agg: (2B, T, H, W) from `goca_aggregate` (uncond channel 0 possibly replaced by `global_token_into_uncond`);
+    rescale_tokens / live_tokens: (B, T) bool of the cond prompts.
     Returns masks (B, T, H, W) and fg (B, 1, H, W). Exact pruning (every step after the aggregation is per channel
     and per sample): each sample processes only its channels up to its last live token and channel 0 of its uncond
     half; the rest are the zeros the pad zeroing makes of them. Per sample, so a sample's shapes, and its result,
@@ -342,20 +424,9 @@ def goca_segment(
         pos = g_pos[i : i + 1, :n]
         if config.rescale == "sum1":
             pos = rescale_sum_one(pos, rescale_tokens[i : i + 1, :n], config.eps)
-        sos = g_neg[i : i + 1, :1]
-        if fg_from_cond is not None and bool(fg_from_cond[i]):
-            g = int(global_index[i]) if global_index is not None else 0
-            sos = g_pos[i : i + 1, g : g + 1]
-        both = torch.cat([renorm_per_token(pos, taps, config.eps), sos], dim=1)
+        both = torch.cat([renorm_per_token(pos, taps, config.eps), g_neg[i : i + 1, :1]], dim=1)
         if propagation.order:
-            both = propagate_self_attention(
-                both,
-                [q[i : i + 1] for q in propagation.queries],
-                [k[i : i + 1] for k in propagation.keys],
-                propagation.heads,
-                propagation.scales,
-                propagation.order,
-            )
+            both = propagate(both, propagation.sample(i))
         both = minmax_per_token(both, config.eps)
         pos = F.pad(both[:, :n], (0, 0, 0, 0, 0, t - n))  # the pruned channels: zero, as the pad zeroing makes them
         masks.append(goca_region_masks(pos, live_tokens[i : i + 1]))
@@ -369,12 +440,26 @@ def goca_segment(
 @dataclass(frozen=True)
 class GoCAPreset:
     """The authors' GoCA layers for one published architecture (algorithm.md §8): cross blocks (None: all), the
-    dense block whose attn2 query is the similarity's reference, the propagation blocks and order."""
+    dense block whose attn2 query is the similarity's reference, the propagation blocks and order, the segmentation
+    grid's factor (None: the propagation blocks' grid) and the branch whose global token gives the foreground
+    ("uncond": the uncond map of token 0, SD; "cond": the cond `</s>` map put into the uncond half, PixArt-Sigma)."""
 
     cross: tuple[str, ...] | None
     dense: str
     self_blocks: tuple[str, ...]
     order: int
+    grid_factor: int | None = None
+    foreground: Literal["uncond", "cond"] = "uncond"
+
+
+def _pixart_blocks(first: int, last: int) -> tuple[str, ...]:
+    return tuple(f"transformer_blocks.{i}" for i in range(first, last + 1))
+
+
+def _is_pixart(layout: ModelLayout) -> bool:
+    """PixArt-α/Σ-XL/2's structure: a transformer of 28 blocks `transformer_blocks.0` … `.27` with cross-attention."""
+    blocks = [x.block for x in layout.of_kind("cross")]
+    return layout.arch == "transformer" and blocks == list(_pixart_blocks(0, 27))
 
 
 # Architectures the authors configured, recognised by their attention structure (`ModelLayout.signature`).
@@ -397,6 +482,18 @@ GOCA_PRESETS: list[tuple[Callable[[ModelLayout], bool], GoCAPreset]] = [
                 "down_blocks.1.attentions.0.transformer_blocks.1",
             ),
             order=2,
+        ),
+    ),
+    (  # GoCA src-additional/generation-experiment/configs/config_model_sigma.py L43 (ref), L45-74 (cross 10-17),
+        # L77-89 (self 10-17), L91-96 (order 5), L9 (feat_size = latent at 512 px); utils_sigma.py L329-330 (fg)
+        _is_pixart,
+        GoCAPreset(
+            cross=_pixart_blocks(10, 17),
+            dense="transformer_blocks.13",
+            self_blocks=_pixart_blocks(10, 17),
+            order=5,
+            grid_factor=1,
+            foreground="cond",
         ),
     ),
 ]
@@ -430,13 +527,15 @@ def default_self_blocks(layout: ModelLayout) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class GoCALayers:
     """The layers one GoCA call reads: cross blocks, the dense (reference-query) cross layer, the propagation self
-    layers, the order, and the segmentation grid factor (latent / factor; the propagation layers' grid)."""
+    layers, the order, the segmentation grid factor (latent / factor; by default the propagation layers' grid) and
+    the foreground's branch (`GoCAPreset.foreground`)."""
 
     cross: list[AttentionLayer]
     dense: AttentionLayer
     propagation: list[AttentionLayer]
     order: int
     factor: int
+    foreground: Literal["uncond", "cond"] = "uncond"
 
 
 def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
@@ -457,12 +556,16 @@ def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
     factors = sorted({x.factor for x in selfs})
     if len(factors) > 1:
         raise ValueError(f"GoCA's propagation blocks must share one grid; got factors {factors} for {self_names}")
-    return GoCALayers(cross, dense, selfs if order else [], order, factors[0])
+    grid = preset.grid_factor if preset and preset.grid_factor else factors[0]
+    if grid > factors[0]:
+        raise ValueError(f"GoCA's segmentation grid (factor {grid}) must not be coarser than its propagation blocks'")
+    return GoCALayers(cross, dense, selfs if order else [], order, grid, preset.foreground if preset else "uncond")
 
 
 class GoCASegmentor(Segmentor):
     """GoCA segmentation (CVPR 2026) at every step: auto head/layer aggregation, rescaling, propagation, masks at
-    the propagation grid brought to latent size by nearest (algorithm.md §2, §8)."""
+    the segmentation grid (the propagation blocks' or the preset's) brought to latent size by nearest
+    (algorithm.md §2, §8)."""
 
     name = "goca"
 
@@ -481,9 +584,14 @@ class GoCASegmentor(Segmentor):
         f = self.layers.factor
         self.seg_hw = (-(-self.latent_hw[0] // f), -(-self.latent_hw[1] // f))
         tokens = context.tokens
-        self.fg_from_cond, self.global_index = context.foreground_from_cond(), tokens.global_index
+        self.fg_from_cond = context.foreground_from_cond()  # a blank uncond condition (§8.2)
         self.rescale_tokens = tokens.content() if cfg.tokens == "content" else tokens.caption
         self.live_tokens = tokens.live
+        self.global_index = tokens.global_index
+        self.key_mask = context.key_mask
+        # foreground from the cond branch: the uncond half's maps are never read (only its channel 0, which the
+        # cond global-token map replaces), so only the cond half is aggregated
+        self.cond_only = self.layers.foreground == "cond"
         self._layer_weights: Tensor | None = None
         layout = context.layout
         self.self_of = {x.name: layout.sibling(x, "self").name for x in self.layers.cross}
@@ -506,8 +614,13 @@ class GoCASegmentor(Segmentor):
         for x in layers.propagation:
             req.setdefault(x.name, set()).update({"q", "k"})
 
-        def heads(t):  # §2.3 inside the forward pass: only A_ℓ (2B, N, T) is kept of each cross layer
-            return goca_head_aggregate(t.probs(), t.o, t.w_out, cfg)
+        key_mask, half = self.key_mask, self._half
+
+        def heads(t):  # §2.3 inside the forward pass: only A_ℓ (2B, N, T) — or its cond half — is kept
+            if not self.cond_only:
+                return goca_head_aggregate(t.probs(key_mask=key_mask), t.o, t.w_out, cfg)
+            probs = attention_probs(half(t.q), half(t.k), t.heads, t.scale, key_mask=half(key_mask))
+            return goca_head_aggregate(probs, half(t.o), t.w_out, cfg)
 
         dense_name = layers.dense.name if similarity else None
         reducers = {
@@ -534,12 +647,16 @@ class GoCASegmentor(Segmentor):
         cfg = self.config
         inputs = [self._cross_inputs(record, x) for x in self.layers.cross]
         if self._layer_weights is None or step % cfg.layer_refresh == 0:
-            dense = record[self.layers.dense.name].q if cfg.layer == "similarity" else None
+            dense = self._half(record[self.layers.dense.name].q) if cfg.layer == "similarity" else None
             dense_hw = grid_shape(dense.shape[1], self.latent_hw) if dense is not None else (0, 0)
             with record_function("goca_scfg::goca_layer_weights"):
                 self._layer_weights = goca_layer_weights(inputs, dense, dense_hw, cfg)
         with record_function("goca_scfg::goca_aggregate"):
             agg = goca_aggregate(inputs, self._layer_weights, self.seg_hw, cfg)
+        if self.cond_only:  # (B, …) → [uncond, cond] with the uncond channel 0 the cond global-token map
+            agg = global_token_into_uncond(torch.cat([agg, agg]), self.global_index)
+        elif self.fg_from_cond.any():
+            agg = global_token_into_uncond(agg, self.global_index, self.fg_from_cond)
         prop = [record[x.name] for x in self.layers.propagation]
         propagation = PropagationInputs(
             queries=[split_cfg(r.q)[1] for r in prop],
@@ -556,10 +673,12 @@ class GoCASegmentor(Segmentor):
                 self.rescale_tokens.to(device),
                 self.live_tokens.to(device),
                 cfg,
-                self.fg_from_cond,
-                self.global_index,
             )
         return resize_nearest(masks, self.latent_hw), resize_nearest(fg, self.latent_hw)
+
+    def _half(self, x: Tensor | None) -> Tensor | None:
+        """The cond half of a CFG-batch tensor when only it is segmented (`cond_only`), else the tensor."""
+        return split_cfg(x)[1] if self.cond_only and x is not None else x
 
     def _cross_inputs(self, record: AttentionRecord, layer: AttentionLayer) -> CrossLayerInputs:
         """One cross block's A_ℓ and what the layer similarity reads of its self-attention sibling."""
@@ -567,13 +686,13 @@ class GoCASegmentor(Segmentor):
         name = self.self_of[layer.name]
         rs = record[name] if self.config.layer == "similarity" else None
         mode = self.self_mode.get(name, "raw")
-        reduced = self.reduced(record, name) if mode != "raw" else None
+        reduced = self._half(self.reduced(record, name)) if mode != "raw" else None
         return CrossLayerInputs(
             attn_cross=attn_cross,
             hw=grid_shape(attn_cross.shape[1], self.latent_hw),
             self_map=reduced if mode == "map" else None,
-            self_q=reduced if mode == "even" else (rs.q if rs else None),
-            self_k=rs.k if rs else None,
+            self_q=reduced if mode == "even" else (self._half(rs.q) if rs else None),
+            self_k=self._half(rs.k) if rs else None,
             self_heads=rs.heads if rs else 1,
             self_scale=rs.scale if rs else 1.0,
         )

@@ -120,7 +120,12 @@ def scfg_layers(layout: ModelLayout, ratios: tuple[int, ...]) -> list[tuple[Atte
     SD v1.x/2.x: exactly the official latent/4 and latent/8 blocks; SDXL: the latent/4 modules (no latent/8).
     """
     if layout.arch != "unet":
-        raise ValueError("segmentor='scfg' is defined for UNet denoisers only (S-CFG's released code has no DiT)")
+        raise ValueError(
+            "segmentor='scfg' is defined for UNet denoisers only: the released S-CFG code reads UNet blocks at "
+            "latent/4 and latent/8 and has no transformer variant, and the authors' PixArt-Sigma code (GoCA "
+            "utils_sigma.py) defines only GoCA masks; use segmentor='goca' (GoCAConfig.vanilla() for their vanilla "
+            "baseline)"
+        )
     factors = layout.cross_factors()
     if not factors:
         raise ValueError("segmentor needs a denoiser with text cross-attention; this one has none")
