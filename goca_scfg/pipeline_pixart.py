@@ -28,6 +28,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
 )
 
 from .capture import capture_attention
+from .checks import check_call_inputs
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
@@ -158,6 +159,7 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
             prompt_attention_mask,
             negative_prompt_attention_mask,
         )
+        check_call_inputs(num_inference_steps, guidance_scale, height, width)  # [S-CFG] (diffusers lets these pass)
         segmentor = make_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG]
         self._guidance_scale = guidance_scale  # [S-CFG]
 

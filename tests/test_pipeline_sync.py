@@ -8,13 +8,14 @@ import inspect
 import textwrap
 
 import pytest
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import PixArtSigmaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from goca_scfg import StableDiffusionSCFGPipeline, StableDiffusionXLSCFGPipeline
+from goca_scfg import PixArtSigmaSCFGPipeline, StableDiffusionSCFGPipeline, StableDiffusionXLSCFGPipeline
 
 PAIRS = [
     (StableDiffusionSCFGPipeline, StableDiffusionPipeline),
     (StableDiffusionXLSCFGPipeline, StableDiffusionXLPipeline),
+    (PixArtSigmaSCFGPipeline, PixArtSigmaPipeline),
 ]
 
 

@@ -239,7 +239,7 @@ def bilinear_matrix(size_in: int, size_out: int) -> Tensor:
 def mean_self_attention_matrix(
     queries: list[Tensor], keys: list[Tensor], heads: list[int], scales: list[float]
 ) -> Tensor:
-    """S = mean over blocks and heads of softmax(Q Kᵀ·scale), formed in bounded row chunks (ALGORITHM §2.6).
+    """S = mean over blocks and heads of softmax(Q Kᵀ·scale), formed in bounded row chunks (algorithm.md §2.6).
 
     queries/keys: per block (B, n, C). Returns (B, n, n) fp32.
     """
