@@ -37,7 +37,14 @@ from typing import Any, Literal
 
 import torch
 
-from goca_scfg.loading import SD15_MODEL_ID, SDXL_MODEL_ID, load_pipeline, native_size, swap_scheduler
+from goca_scfg.loading import (
+    PIXART_SIGMA_MODEL_ID,
+    SD15_MODEL_ID,
+    SDXL_MODEL_ID,
+    load_pipeline,
+    native_size,
+    swap_scheduler,
+)
 from goca_scfg.vocab import (
     AUTO_DTYPE,
     DTYPE_NAMES,
@@ -125,6 +132,15 @@ PRESETS: dict[str, Preset] = {
     # the same 50 steps, scales and seed as "paper", so the two models' tables compare row for row.
     "sdxl": Preset(
         GenerationSettings(model=SDXL_MODEL_ID), ("cfg", "scfg", "goca"), (2.0, 3.0, 5.0, 7.5, 10.0), (42,)
+    ),
+    # algorithm.md §8.3, as the authors generate with PixArt-Sigma (generate_for_fid_sigma.py L417-479): the 512-MS
+    # model, fp16, 512², its own DPM-Solver++, 20 steps, seed 42 for every caption. S-CFG's released code has no
+    # DiT segmentation, so the S-CFG baseline is GoCA's vanilla config, as in their PixArt runs.
+    "pixart-sigma": Preset(
+        GenerationSettings(model=PIXART_SIGMA_MODEL_ID, steps=20, height=512, width=512),
+        ("cfg", "goca-vanilla", "goca"),
+        (2.0, 3.0, 5.0, 7.5, 10.0),
+        (42,),
     ),
 }
 

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+PIXART = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
 INSTALL = "bash scripts/install.sh && "
 
 
@@ -25,6 +26,15 @@ def tiny_model_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-model")
     tiny_pipeline().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_pixart_dir(tmp_path_factory):
+    from goca_scfg.testing import tiny_pixart_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-pixart")
+    tiny_pixart_pipeline().save_pretrained(path)
     return str(path)
 
 
@@ -55,12 +65,12 @@ def test_main_command_runs(tiny_model_dir, tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
-def test_python_examples_run(tiny_model_dir, tiny_xl_dir, tmp_path, monkeypatch):
+def test_python_examples_run(tiny_model_dir, tiny_xl_dir, tiny_pixart_dir, tmp_path, monkeypatch):
     """Every Python block, in order, in one namespace (later blocks reuse `pipe`)."""
     monkeypatch.chdir(tmp_path)
     namespace = {}
     for code in _blocks("python"):
-        code = code.replace(SD15, tiny_model_dir).replace(SDXL, tiny_xl_dir)
+        code = code.replace(SD15, tiny_model_dir).replace(SDXL, tiny_xl_dir).replace(PIXART, tiny_pixart_dir)
         exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "corgi.png").exists() and (tmp_path / "corgi_maps.png").exists()
     assert len(namespace["labels"]["goca"]) == len(namespace["pipe"].scheduler.timesteps)
