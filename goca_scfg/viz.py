@@ -9,11 +9,13 @@ from .guidance import SCFGStepMaps
 
 
 def token_label(tokens: list[str], index: int) -> str:
-    """A readable name for prompt position `index`: the word, `<sos>`, `<eos>` (first end token) or `<pad N>`."""
+    """A readable name for prompt position `index`: the word, `<sos>`, `<eos>` (first end token) or `<pad N>`; T5
+    pieces lose their `▁` word mark (a bare `▁` stays)."""
     token = tokens[index]
     if token == "<|endoftext|>" and index > tokens.index("<|endoftext|>"):
         return f"<pad {index}>"
-    return token.replace("</w>", "").replace("<|startoftext|>", "<sos>").replace("<|endoftext|>", "<eos>")
+    token = token.replace("</w>", "").replace("<|startoftext|>", "<sos>").replace("<|endoftext|>", "<eos>")
+    return token.lstrip("▁") or token
 
 
 def plot_step_maps(image: Image.Image, maps: SCFGStepMaps, index: int = 0):

@@ -149,3 +149,5 @@ def test_token_labels_name_pads_apart_from_eos():
 
     tokens = ["<|startoftext|>", "red</w>", "dog</w>", "<|endoftext|>", "<|endoftext|>"]
     assert [token_label(tokens, i) for i in range(5)] == ["<sos>", "red", "dog", "<eos>", "<pad 4>"]
+    t5 = ["▁a", "▁corgi", "▁", "s", "</s>", "<pad>"]
+    assert [token_label(t5, i) for i in range(6)] == ["a", "corgi", "▁", "s", "</s>", "<pad>"]
