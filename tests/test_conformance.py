@@ -246,7 +246,8 @@ class Harness:
             else:
                 assert out.maps is None and out.rates is None
         else:
-            h, w = kw["height"] // pipe.vae_scale_factor, kw["width"] // pipe.vae_scale_factor
+            native = pipe.denoiser.config.sample_size  # the latent size when no height/width is given
+            h, w = (kw[k] // pipe.vae_scale_factor if kw[k] else native for k in ("height", "width"))
             maps = out[-1] if isinstance(out, tuple) else out.maps
             check_maps(pipe, maps, _count(_images(out)), (h, w), steps, has_tokens=kw.get("prompt") is not None)
             if not isinstance(out, tuple):
@@ -367,6 +368,24 @@ def test_num_images_per_prompt(h, segmentor):
 
 
 @segmentors
+def test_height_width_and_given_latents(h, segmentor):
+    """No size: the UNet's native one; a non-square size; `latents` given instead of drawn from the generator."""
+    native = h.pipe.denoiser.config.sample_size
+    out = h.run(segmentor, height=None, width=None, output_type="latent")
+    assert out.images.shape[-2:] == (native, native) and native * h.pipe.vae_scale_factor > h.case.size
+    size = dict(height=h.case.size, width=h.case.size * 3 // 2)
+    drawn = h.run(segmentor, **size, output_type="latent")
+    assert drawn.images.shape[-2:] == (
+        size["height"] // h.pipe.vae_scale_factor,
+        size["width"] // h.pipe.vae_scale_factor,
+    )
+    shape = (1, 4, size["height"] // h.pipe.vae_scale_factor, size["width"] // h.pipe.vae_scale_factor)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    given = h.run(segmentor, **size, latents=latents, seeds=None, output_type="latent")
+    assert torch.equal(given.images, drawn.images)
+
+
+@segmentors
 def test_dict_and_tuple_outputs_equal(h, segmentor):
     as_dict = h.run(segmentor, output_type="latent")
     as_tuple = h.run(segmentor, output_type="latent", return_dict=False)
@@ -396,8 +415,11 @@ def saved(h, tmp_path_factory):
     return loaded
 
 
-@pytest.mark.parametrize("saved_as", ["plain", "variant"])
-@segmentors
+@pytest.mark.parametrize(
+    ("saved_as", "segmentor"),
+    [("plain", None), ("plain", "goca"), ("plain", "scfg"), ("variant", None)],  # variants: file names, no maps
+    ids=["plain-off", "plain-goca", "plain-scfg", "variant-off"],
+)
 def test_save_load_local_optional_components_variants(h, saved, saved_as, segmentor):
     loaded = saved[saved_as]
     assert type(loaded) is h.case.pipeline
