@@ -525,13 +525,16 @@ def test_interrupt(h, segmentor):
 
 
 @segmentors
-def test_attention_slicing(h, segmentor):
+def test_attention_slicing_and_processors(h, segmentor):
+    """Sliced attention (slice sizes 1 and 2) and the plain attention processor: the same guidance."""
     ours, stock = h.fresh()
     base = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
     for size in (1, 2):
         ours.enable_attention_slicing(slice_size=size)  # the stock pipeline shares the UNet
         sliced = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
         assert_same_guidance(sliced, base, segmentor)
+    ours.unet.set_default_attn_processor()  # plain `AttnProcessor`, as diffusers' own tests set
+    assert_same_guidance(h.run(segmentor, pipe=ours, stock=stock, output_type="latent"), base, segmentor)
 
 
 @segmentors
