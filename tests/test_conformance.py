@@ -83,16 +83,20 @@ def sd_dummy_components() -> dict[str, Any]:
     vae = _dummy_vae()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(_clip_text_config()).eval()
+    return _components(unet, scheduler, vae, text_encoder, safety_checker=None, requires_safety_checker=False)
+
+
+def _components(unet, scheduler, vae, text_encoder, **more) -> dict[str, Any]:
+    """The components every Stable Diffusion pipeline takes (no image encoder), plus `more`."""
     return dict(
         unet=unet,
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=_tokenizer(),
-        safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
-        requires_safety_checker=False,
+        **more,
     )
 
 
@@ -101,21 +105,13 @@ def sdxl_dummy_components() -> dict[str, Any]:
     (1, 2), text_time conditioning, two CLIP text encoders (the second with projection, padding with id 0)."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(2, 4),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **{**DIFFUSERS_TEST_UNET, "block_out_channels": (2, 4), "cross_attention_dim": 64, "norm_num_groups": 1},
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
-        cross_attention_dim=64,
-        norm_num_groups=1,
     ).eval()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
@@ -127,18 +123,10 @@ def sdxl_dummy_components() -> dict[str, Any]:
     text_encoder_2 = CLIPTextModelWithProjection(
         _clip_text_config(hidden_act="gelu", projection_dim=32, pad_token_id=0)
     ).eval()
-    return dict(
-        unet=unet,
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=_tokenizer(),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=_tokenizer("!"),
-        image_encoder=None,
-        feature_extractor=None,
+    return _components(
+        unet, scheduler, vae, text_encoder, text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("!"),
         add_watermarker=False,
-    )
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
