@@ -1,0 +1,655 @@
+"""Drop-in conformance: the scenarios of diffusers' own pipeline fast tests, run on every SCFG pipeline.
+
+Each pipeline runs on diffusers' dummy component configurations (built here, random weights, a real CLIP tokenizer)
+three ways: `segmentor=None` must give exactly what the stock diffusers pipeline gives on the same components
+(`torch.equal`), and `segmentor="goca"` / `"scfg"` must run the scenario with the right output shapes and one
+`SCFGStepMaps` / `SCFGStepRates` per denoising-loop iteration of the right shape.
+
+Adding a pipeline is one `Case(...)` line in `CASES` (plus the function that builds its dummy components).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from goca_scfg import SCFGStepMaps, StableDiffusionSCFGPipeline, StableDiffusionXLSCFGPipeline
+from goca_scfg.testing import DIFFUSERS_TEST_UNET, clip_tokenizer
+
+SEGMENTORS = [None, "goca", "scfg"]
+PROMPT = "a watercolour fox reading a newspaper"
+PROMPTS = [PROMPT, "two red apples on a wooden table", "a lighthouse at night"]
+
+# ------------------------------------------------------------------------------ diffusers' dummy components
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(pad_token: str = "<|endoftext|>"):
+    return clip_tokenizer(pad_token)
+
+
+def _clip_text_config(**over) -> CLIPTextConfig:
+    """diffusers' dummy CLIP text encoder (hidden 32, 5 layers) with the real tokenizer's vocabulary and ids."""
+    cfg = dict(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, layer_norm_eps=1e-5,
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )  # fmt: skip
+    return CLIPTextConfig(**{**cfg, **over})
+
+
+def _dummy_vae(**over) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        **over,
+    ).eval()
+
+
+def sd_dummy_components() -> dict[str, Any]:
+    """diffusers' StableDiffusionPipeline fast-test components: 2-level UNet (32, 64), cross-attention 32, DDIM."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**DIFFUSERS_TEST_UNET).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+    )
+    vae = _dummy_vae()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_clip_text_config()).eval()
+    return _components(unet, scheduler, vae, text_encoder, safety_checker=None, requires_safety_checker=False)
+
+
+def _components(unet, scheduler, vae, text_encoder, **more) -> dict[str, Any]:
+    """The components every Stable Diffusion pipeline takes (no image encoder), plus `more`."""
+    return dict(
+        unet=unet,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tokenizer(),
+        feature_extractor=None,
+        image_encoder=None,
+        **more,
+    )
+
+
+def sdxl_dummy_components() -> dict[str, Any]:
+    """diffusers' StableDiffusionXLPipeline fast-test components: 2-level UNet with transformer_layers_per_block
+    (1, 2), text_time conditioning, two CLIP text encoders (the second with projection, padding with id 0)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        **{**DIFFUSERS_TEST_UNET, "block_out_channels": (2, 4), "cross_attention_dim": 64, "norm_num_groups": 1},
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
+    ).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
+    )
+    vae = _dummy_vae(sample_size=128)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_clip_text_config(hidden_act="gelu", projection_dim=32)).eval()
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _clip_text_config(hidden_act="gelu", projection_dim=32, pad_token_id=0)
+    ).eval()
+    return _components(
+        unet, scheduler, vae, text_encoder, text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("!"),
+        add_watermarker=False,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Case:
+    """One SCFG pipeline under test: its class, the stock diffusers class it extends, and its dummy inputs."""
+
+    name: str
+    pipeline: type
+    stock: type
+    components: Callable[[], dict[str, Any]]
+    guidance_scale: float
+    # the diffusers callback that switches CFG off after a step (a `PipelineCallback`)
+    cfg_cutoff: type
+    # names of what `encode_prompt` returns, in order, as `__call__` keywords
+    embeds: tuple[str, ...] = ("prompt_embeds", "negative_prompt_embeds")
+    size: int = 32  # px: latents 16x16 with the 2-level dummy VAE
+    extra: dict[str, Any] = field(default_factory=dict)  # call keywords every scenario passes to this pipeline
+
+
+CASES = [
+    Case("sd", StableDiffusionSCFGPipeline, StableDiffusionPipeline, sd_dummy_components, 6.0, SDCFGCutoffCallback),
+    Case("sdxl", StableDiffusionXLSCFGPipeline, StableDiffusionXLPipeline, sdxl_dummy_components, 5.0,
+         SDXLCFGCutoffCallback,
+         embeds=("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")),
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ harness
+
+
+def _images(out) -> Any:
+    return out.images if hasattr(out, "images") else out[0]
+
+
+def _count(images) -> int:
+    return len(images) if isinstance(images, list) else images.shape[0]
+
+
+def _as_tensor(images) -> torch.Tensor:
+    if isinstance(images, list):
+        return torch.from_numpy(np.stack([np.asarray(im) for im in images]))
+    return torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+
+
+def assert_same_images(a, b) -> None:
+    assert type(a) is type(b)
+    assert torch.equal(_as_tensor(a), _as_tensor(b))
+
+
+class Harness:
+    """One case's pipelines over shared dummy components, and calls that check what every scenario must show."""
+
+    def __init__(self, case: Case):
+        self.case = case
+        self.components = case.components()
+        self.pipe = self.ours()
+        self.stock = self.plain()
+
+    def _build(self, cls, components=None, **replace):
+        pipe = cls(**{**(components or self.components), **replace})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def ours(self, components=None, **replace):
+        """The SCFG pipeline over `components` (default: the shared ones), with some components replaced."""
+        return self._build(self.case.pipeline, components, **replace)
+
+    def plain(self, components=None, **replace):
+        """The stock diffusers pipeline over the same components."""
+        return self._build(self.case.stock, components, **replace)
+
+    def fresh(self) -> tuple[Any, Any]:
+        """(ours, stock) over a private copy of the components, for scenarios that change the models in place."""
+        components = {k: v if "tokenizer" in k else copy.deepcopy(v) for k, v in self.components.items()}
+        return self.ours(components), self.plain(components)
+
+    def inputs(self, prompt=PROMPT, seeds=(0,), **over) -> dict[str, Any]:
+        """diffusers-style dummy inputs with freshly seeded generators (one per image)."""
+        kw = dict(
+            prompt=prompt,
+            num_inference_steps=2,
+            guidance_scale=self.case.guidance_scale,
+            height=self.case.size,
+            width=self.case.size,
+            output_type="pt",
+            **self.case.extra,
+        )
+        kw.update(over)
+        if seeds is not None:
+            kw["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
+        return kw
+
+    def run(self, segmentor, pipe=None, stock=None, steps=None, **inputs):
+        """Call `pipe` (default: ours) with `segmentor`. None: the output must equal the stock pipeline's on the same
+        inputs. A segmentor: the maps and rates must be right (`steps` loop iterations; default all of them)."""
+        pipe = pipe or self.pipe
+        kw = self.inputs(**inputs)
+        out = pipe(**kw, segmentor=segmentor, return_maps=segmentor is not None)
+        if segmentor is None:
+            ref = (stock or self.stock)(**self.inputs(**inputs))
+            assert type(ref) is not tuple or len(out) == len(ref)
+            assert_same_images(_images(out), _images(ref))
+            if isinstance(out, tuple):
+                assert all(x == y for x, y in zip(out[1:], ref[1:]))
+            else:
+                assert out.maps is None and out.rates is None
+        else:
+            native = pipe.denoiser.config.sample_size  # the latent size when no height/width is given
+            h, w = (kw[k] // pipe.vae_scale_factor if kw[k] else native for k in ("height", "width"))
+            maps = out[-1] if isinstance(out, tuple) else out.maps
+            check_maps(pipe, maps, _count(_images(out)), (h, w), steps, has_tokens=kw.get("prompt") is not None)
+            if not isinstance(out, tuple):
+                assert [r.step for r in out.rates] == [m.step for m in maps]
+                assert all(r.mean.shape == (_count(_images(out)),) for r in out.rates)
+        return out
+
+
+def assert_same_guidance(a, b, segmentor) -> None:
+    """Two runs that differ only by rounding in the denoiser (~1e-6: batch size, slicing, fused projections).
+
+    Plain CFG keeps that size (1e-4, diffusers' bound). The random dummy models' attention maps have near-ties, so a
+    segmented run may flip a map pixel now and then (seen: one foreground pixel of 64 moving a rate by 0.04, 2e-2 on
+    the latents); it must keep >= 95 % of every step's labels and foreground and the latents within 5e-2, while
+    segmenting or not differs by 0.15-0.6 on these latents.
+    """
+    torch.testing.assert_close(a.images, b.images, atol=1e-4 if segmentor is None else 5e-2, rtol=0)
+    if segmentor is not None:
+        assert len(a.maps) == len(b.maps)
+        for x, y in zip(a.maps, b.maps):
+            assert (x.labels == y.labels).float().mean() >= 0.95
+            assert (x.foreground == y.foreground).float().mean() >= 0.95
+
+
+def check_maps(pipe, maps: list[SCFGStepMaps], n_images: int, latent_hw, steps=None, has_tokens=True) -> None:
+    """One map per loop iteration (step index and timestep in order), each (B, h, w) with labels naming tokens."""
+    timesteps, max_tokens = pipe.scheduler.timesteps, pipe.tokenizer.model_max_length
+    assert len(maps) == (len(timesteps) if steps is None else steps)
+    for i, m in enumerate(maps):
+        assert m.step == i and m.timestep == int(timesteps[i])
+        assert m.labels.shape == m.foreground.shape == m.rate.shape == (n_images, *latent_hw)
+        assert m.labels.dtype == torch.long and m.foreground.dtype == torch.bool and m.rate.dtype == torch.float32
+        assert m.labels.min() >= 0 and m.labels.max() < max_tokens and torch.isfinite(m.rate).all()
+        if has_tokens:
+            assert len(m.tokens) == n_images and all(len(t) == max_tokens for t in m.tokens)
+        else:
+            assert m.tokens is None
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
+def h(request) -> Harness:
+    return Harness(request.param)
+
+
+segmentors = pytest.mark.parametrize("segmentor", SEGMENTORS, ids=["off", "goca", "scfg"])
+
+# ------------------------------------------------------------------------------ scenarios
+
+
+@segmentors
+def test_output_types(h, segmentor):
+    """pt, np, pil and latent outputs: one generation, four views (pt == np exactly, pil == round(255·np))."""
+    outs = {t: h.run(segmentor, output_type=t) for t in ("pt", "np", "pil", "latent")}
+    pt, np_, pil, latent = (outs[t].images for t in ("pt", "np", "pil", "latent"))
+    s = h.case.size
+    assert pt.shape == (1, 3, s, s) and np_.shape == (1, s, s, 3) and isinstance(pil[0], Image.Image)
+    assert latent.shape == (1, 4, s // h.pipe.vae_scale_factor, s // h.pipe.vae_scale_factor)
+    assert torch.equal(pt.permute(0, 2, 3, 1), torch.from_numpy(np_))
+    assert np.abs(np.asarray(pil[0], dtype=np.float32) - (np_[0] * 255).round()).max() <= 1
+    if segmentor is not None:  # the maps do not depend on how the result is decoded; the segmentation acted
+        ref = outs["latent"].maps
+        for t in ("pt", "np", "pil"):
+            assert all(
+                torch.equal(a.rate, b.rate) and torch.equal(a.labels, b.labels) for a, b in zip(outs[t].maps, ref)
+            )
+        plain = h.pipe(**h.inputs(output_type="latent"), segmentor=None).images
+        assert (latent - plain).abs().max() > 1e-2
+
+
+def test_call_signature_and_components(h):
+    """Same `__call__` parameters as the stock pipeline, in the same order with the same defaults, the new keywords
+    after them; the same components, optional components and callback tensor inputs."""
+    import inspect
+
+    ours = list(inspect.signature(h.case.pipeline.__call__).parameters.values())
+    stock = [p for p in inspect.signature(h.case.stock.__call__).parameters.values() if p.kind != p.VAR_KEYWORD]
+    assert [(p.name, p.default) for p in ours[: len(stock)]] == [(p.name, p.default) for p in stock]
+    new = [p.name for p in ours[len(stock) :] if p.kind != p.VAR_KEYWORD]
+    assert new == ["segmentor", "scfg_config", "goca_config", "return_maps"]
+    assert h.pipe.components.keys() == h.stock.components.keys()
+    assert h.case.pipeline._optional_components == h.case.stock._optional_components
+    assert h.case.pipeline._callback_tensor_inputs == h.case.stock._callback_tensor_inputs
+
+
+@segmentors
+def test_batch_consistent_and_batch_equals_single(h, segmentor):
+    """Prompts of unequal length (one truncated) in one batch; image 0 of the batch equals the single call's."""
+    long = 100 * "very long "
+    batch = h.run(segmentor, prompt=[PROMPT, PROMPT[: len(PROMPT) // 2], long], seeds=(0, 1, 2), output_type="latent")
+    single = h.run(segmentor, prompt=PROMPT, seeds=(0,), output_type="latent")
+    assert batch.images.shape[0] == 3
+    first = SimpleNamespace(images=batch.images[:1], maps=segmentor and [_first_image(m) for m in batch.maps])
+    assert_same_guidance(first, single, segmentor)  # the denoiser differs by ~1e-6 between batch sizes
+    if segmentor is not None:
+        tokens = batch.maps[0].tokens
+        assert tokens[0] == single.maps[0].tokens[0] and tokens[2][-1] == "<|endoftext|>"
+
+
+def _first_image(m: SCFGStepMaps) -> SCFGStepMaps:
+    return SCFGStepMaps(m.step, m.timestep, m.labels[:1], m.foreground[:1], m.rate[:1], m.tokens[:1])
+
+
+@segmentors
+def test_num_images_per_prompt(h, segmentor):
+    for n_prompts, per_prompt in ((1, 2), (2, 2)):  # (n, 1) is the batch test above
+        out = h.run(
+            segmentor,
+            prompt=PROMPTS[:n_prompts],
+            seeds=range(n_prompts * per_prompt),
+            num_images_per_prompt=per_prompt,
+            output_type="latent",
+        )
+        assert out.images.shape[0] == n_prompts * per_prompt
+        if segmentor is not None:  # one token row per image, each prompt's images together
+            want = [["<|startoftext|>", *h.pipe.tokenizer.tokenize(p)] for p in PROMPTS[:n_prompts]]
+            want = [row for row in want for _ in range(per_prompt)]
+            assert [t[: len(w)] for t, w in zip(out.maps[0].tokens, want)] == want
+
+
+@segmentors
+def test_height_width_and_given_latents(h, segmentor):
+    """No size: the UNet's native one; a non-square size; `latents` given instead of drawn from the generator."""
+    native = h.pipe.denoiser.config.sample_size
+    out = h.run(segmentor, height=None, width=None, output_type="latent")
+    assert out.images.shape[-2:] == (native, native) and native * h.pipe.vae_scale_factor > h.case.size
+    size = dict(height=h.case.size, width=h.case.size * 3 // 2)
+    drawn = h.run(segmentor, **size, output_type="latent")
+    assert drawn.images.shape[-2:] == (
+        size["height"] // h.pipe.vae_scale_factor,
+        size["width"] // h.pipe.vae_scale_factor,
+    )
+    shape = (1, 4, size["height"] // h.pipe.vae_scale_factor, size["width"] // h.pipe.vae_scale_factor)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    given = h.run(segmentor, **size, latents=latents, seeds=None, output_type="latent")
+    assert torch.equal(given.images, drawn.images)
+
+
+@segmentors
+def test_dict_and_tuple_outputs_equal(h, segmentor):
+    as_dict = h.run(segmentor, output_type="latent")
+    as_tuple = h.run(segmentor, output_type="latent", return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.images)
+    if segmentor is not None:
+        assert len(as_tuple[-1]) == len(as_dict.maps)
+        assert all(torch.equal(a.rate, b.rate) for a, b in zip(as_tuple[-1], as_dict.maps))
+
+
+@pytest.fixture(scope="module")
+def saved(h, tmp_path_factory):
+    """The pipeline (optional components None) saved and loaded back, plainly and as variant "fp16"."""
+    root = tmp_path_factory.mktemp(h.case.name)
+    h.pipe.save_pretrained(root / "plain")
+    h.pipe.save_pretrained(root / "variant", variant="fp16")  # file names only: still fp32 weights
+    for sub in (root / "variant").iterdir():
+        if sub.is_dir() and isinstance(h.components.get(sub.name), torch.nn.Module):
+            assert any(".fp16." in f.name for f in sub.iterdir()), sub.name
+    with pytest.raises(ValueError, match="variant=fp16"):
+        h.case.pipeline.from_pretrained(root / "plain", variant="fp16")
+    loaded = {
+        "plain": h.case.pipeline.from_pretrained(root / "plain"),
+        "variant": h.case.pipeline.from_pretrained(root / "variant", variant="fp16"),
+    }
+    for pipe in loaded.values():
+        pipe.set_progress_bar_config(disable=True)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    ("saved_as", "segmentor"),
+    [("plain", None), ("plain", "goca"), ("plain", "scfg"), ("variant", None)],  # variants: file names, no maps
+    ids=["plain-off", "plain-goca", "plain-scfg", "variant-off"],
+)
+def test_save_load_local_optional_components_variants(h, saved, saved_as, segmentor):
+    loaded = saved[saved_as]
+    assert type(loaded) is h.case.pipeline
+    for name in h.case.pipeline._optional_components:  # what was None stays None
+        if h.components.get(name) is None:
+            assert getattr(loaded, name) is None, name
+    for name, module in h.pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            theirs = dict(getattr(loaded, name).named_parameters())
+            assert theirs.keys() <= dict(module.named_parameters()).keys()
+            assert all(torch.equal(p, theirs[k]) for k, p in module.named_parameters() if k in theirs), name
+    got = h.run(segmentor, pipe=loaded, output_type="latent")
+    if segmentor is not None:
+        want = h.run(segmentor, output_type="latent")
+        assert torch.equal(got.images, want.images)
+        assert all(torch.equal(a.rate, b.rate) for a, b in zip(got.maps, want.maps))
+
+
+@segmentors
+def test_from_pipe_both_ways(h, segmentor):
+    processors = {k: type(v) for k, v in h.stock.unet.attn_processors.items()}
+    ours = h.case.pipeline.from_pipe(h.stock)
+    ours.set_progress_bar_config(disable=True)
+    assert type(ours) is h.case.pipeline
+    assert all(ours.components[k] is v for k, v in h.stock.components.items())
+    back = h.case.stock.from_pipe(ours)
+    back.set_progress_bar_config(disable=True)
+    assert type(back) is h.case.stock
+    assert {k: v for k, v in back.config.items() if not k.startswith("_")} == {
+        k: v for k, v in h.stock.config.items() if not k.startswith("_")
+    }
+    got = h.run(segmentor, pipe=ours, stock=back, output_type="latent")
+    if segmentor is not None:
+        assert torch.equal(got.images, h.run(segmentor, output_type="latent").images)
+    assert {k: type(v) for k, v in h.stock.unet.attn_processors.items()} == processors
+
+
+@segmentors
+def test_callback_tensor_inputs(h, segmentor):
+    """A subset and all of `_callback_tensor_inputs` reach the callback; what it returns replaces the tensors."""
+    seen = []
+
+    def subset(pipe, i, t, kwargs):
+        seen.append(set(kwargs))
+        return kwargs
+
+    h.run(segmentor, callback_on_step_end=subset, callback_on_step_end_tensor_inputs=["latents"], output_type="latent")
+    allowed = list(h.pipe._callback_tensor_inputs)
+    h.run(segmentor, callback_on_step_end=subset, callback_on_step_end_tensor_inputs=allowed, output_type="latent")
+    n = len(h.pipe.scheduler.timesteps)
+    stock_calls = n if segmentor is None else 0  # the stock pipeline ran the same callback in the `off` runs
+    assert seen == [{"latents"}] * (n + stock_calls) + [set(allowed)] * (n + stock_calls)
+
+    def zero_last(pipe, i, t, kwargs):
+        if i == pipe.num_timesteps - 1:
+            kwargs["latents"] = torch.zeros_like(kwargs["latents"])
+        return kwargs
+
+    out = h.run(segmentor, callback_on_step_end=zero_last, callback_on_step_end_tensor_inputs=allowed,
+                output_type="latent")  # fmt: skip
+    assert out.images.abs().sum() == 0
+
+
+@segmentors
+def test_callback_changes_guidance_scale(h, segmentor):
+    """A callback raising `_guidance_scale` by 1 each step: the pipeline reads the new scale at every step."""
+
+    def louder(pipe, i, t, kwargs):
+        pipe._guidance_scale += 1.0
+        return kwargs
+
+    out = h.run(segmentor, guidance_scale=2.0, callback_on_step_end=louder, output_type="latent")
+    assert h.pipe.guidance_scale == 2.0 + h.pipe.num_timesteps
+    if segmentor is not None:
+        assert [r.guidance_scale for r in out.rates] == [2.0 + i for i in range(h.pipe.num_timesteps)]
+
+
+@segmentors
+def test_pipeline_callback_cfg_cutoff(h, segmentor):
+    """diffusers' CFG-cutoff `PipelineCallback` drops the uncond half after step 1: segmentation stops there."""
+    cutoff = h.case.cfg_cutoff(cutoff_step_ratio=None, cutoff_step_index=1)
+    h.run(segmentor, num_inference_steps=3, callback_on_step_end=cutoff, output_type="latent", steps=2)
+
+
+@segmentors
+def test_interrupt(h, segmentor):
+    """`pipe._interrupt = True` from a callback skips the remaining steps: the output is that step's latents."""
+    states = []
+
+    def record(pipe, i, t, kwargs):
+        states.append(kwargs["latents"].clone())
+        return kwargs
+
+    h.pipe(**h.inputs(num_inference_steps=3, output_type="latent"), segmentor=segmentor, callback_on_step_end=record)
+
+    def interrupt(pipe, i, t, kwargs):
+        if i == 1:
+            pipe._interrupt = True
+        return kwargs
+
+    out = h.run(segmentor, num_inference_steps=3, callback_on_step_end=interrupt, output_type="latent", steps=2)
+    assert torch.equal(out.images, states[1])
+
+
+@segmentors
+def test_attention_slicing_and_processors(h, segmentor):
+    """Sliced attention (slice sizes 1 and 2) and the plain attention processor: the same guidance."""
+    ours, stock = h.fresh()
+    base = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
+    for size in (1, 2):
+        ours.enable_attention_slicing(slice_size=size)  # the stock pipeline shares the UNet
+        sliced = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
+        assert_same_guidance(sliced, base, segmentor)
+    ours.unet.set_default_attn_processor()  # plain `AttnProcessor`, as diffusers' own tests set
+    assert_same_guidance(h.run(segmentor, pipe=ours, stock=stock, output_type="latent"), base, segmentor)
+
+
+@segmentors
+def test_vae_slicing(h, segmentor):
+    kw = dict(prompt=PROMPTS, seeds=(0, 1, 2))
+    base = h.run(segmentor, **kw)
+    h.pipe.vae.enable_slicing()
+    try:
+        sliced = h.run(segmentor, **kw)
+    finally:
+        h.pipe.vae.disable_slicing()
+    torch.testing.assert_close(sliced.images, base.images, atol=3e-3, rtol=0)
+    if segmentor is not None:
+        assert all(torch.equal(a.rate, b.rate) for a, b in zip(sliced.maps, base.maps))
+
+
+@segmentors
+def test_freeu(h, segmentor):
+    base = h.run(segmentor, output_type="latent")
+    h.pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    try:
+        freeu = h.run(segmentor, output_type="latent")
+    finally:
+        h.pipe.disable_freeu()
+    assert all(getattr(b, k) is None for b in h.pipe.unet.up_blocks for k in ("s1", "s2", "b1", "b2"))
+    again = h.run(segmentor, output_type="latent")
+    assert not torch.allclose(freeu.images, base.images, atol=1e-3) and torch.equal(again.images, base.images)
+
+
+@segmentors
+def test_fused_qkv_projections(h, segmentor):
+    ours, stock = h.fresh()
+    base = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
+    ours.fuse_qkv_projections()
+    fused = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
+    ours.unfuse_qkv_projections()
+    unfused = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
+    assert_same_guidance(fused, base, segmentor)  # one fused matmul rounds differently
+    assert torch.equal(unfused.images, base.images)
+
+
+SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+}
+
+
+def _with_scheduler(h, name):
+    cls, over = SCHEDULERS[name]
+    scheduler = cls.from_config(h.components["scheduler"].config, **over)
+    return h.ours(scheduler=scheduler), h.plain(scheduler=copy.deepcopy(scheduler))
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@segmentors
+def test_schedulers(h, segmentor, scheduler):
+    ours, stock = _with_scheduler(h, scheduler)
+    out = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
+    assert out.images.shape == (1, 4, h.case.size // ours.vae_scale_factor, h.case.size // ours.vae_scale_factor)
+    assert torch.isfinite(out.images).all()
+
+
+@segmentors
+def test_custom_timesteps_and_sigmas(h, segmentor):
+    ours, stock = _with_scheduler(h, "euler")
+    out = h.run(segmentor, pipe=ours, stock=stock, timesteps=[999, 499], output_type="latent")
+    assert ours.scheduler.timesteps.tolist() == [999, 499]
+    if segmentor is not None:
+        assert [m.timestep for m in out.maps] == [999, 499]
+    h.run(segmentor, pipe=ours, stock=stock, sigmas=[14.6, 2.0], output_type="latent")
+    assert ours.scheduler.sigmas.tolist()[:2] == pytest.approx([14.6, 2.0])
+    ours, stock = _with_scheduler(h, "ddim")  # no custom timesteps: the same error as the stock pipeline's
+    with pytest.raises(ValueError, match="does not support custom timestep"):
+        stock(**h.inputs(timesteps=[999, 499]))
+    with pytest.raises(ValueError, match="does not support custom timestep"):
+        ours(**h.inputs(timesteps=[999, 499]), segmentor=segmentor)
+
+
+@segmentors
+def test_prompt_embeds(h, segmentor):
+    """`prompt_embeds`/`negative_prompt_embeds` give the images of the prompt text; goca needs the text."""
+    negative = ["blurry", "dark"]
+    embeds = h.pipe.encode_prompt(
+        prompt=PROMPTS[:2], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=negative,
+    )  # fmt: skip
+    embeds = dict(zip(h.case.embeds, embeds))
+    if segmentor == "goca":
+        with pytest.raises(ValueError, match="needs the prompt text"):
+            h.pipe(**h.inputs(prompt=None, seeds=(0, 1), **embeds), segmentor=segmentor)
+        return
+    from_text = h.run(segmentor, prompt=PROMPTS[:2], negative_prompt=negative, seeds=(0, 1), output_type="latent")
+    from_embeds = h.run(segmentor, prompt=None, seeds=(0, 1), output_type="latent", **embeds)
+    assert torch.equal(from_embeds.images, from_text.images)
+
+
+@segmentors
+def test_ip_adapter(h, segmentor):
+    """A random IP-Adapter loaded through diffusers' loader acts (scale 1) and is inert at scale 0."""
+    from test_pipeline import _attach_random_ip_adapter
+
+    ours, stock = h.fresh()
+    base = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
+    _attach_random_ip_adapter(ours.unet)
+    image_embeds = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))]  # [negative; positive]
+    kw = dict(output_type="latent", ip_adapter_image_embeds=image_embeds)
+    with_ip = h.run(segmentor, pipe=ours, stock=stock, **kw)
+    ours.set_ip_adapter_scale(0.0)
+    inert = h.run(segmentor, pipe=ours, stock=stock, **kw)
+    assert (with_ip.images - base.images).abs().max() > 1e-4
+    torch.testing.assert_close(inert.images, base.images, atol=1e-4, rtol=0)
+
+
+@segmentors
+def test_guidance_rescale(h, segmentor):
+    rescaled = h.run(segmentor, guidance_rescale=0.7, output_type="latent")
+    plain = h.pipe(**h.inputs(output_type="latent"), segmentor=segmentor).images
+    assert not torch.equal(rescaled.images, plain)
+
+
+@pytest.mark.parametrize("segmentor", ["goca", "scfg"])
+def test_no_cfg_segments_nothing(h, segmentor):
+    """guidance_scale <= 1: no CFG, so nothing to segment; the stock pipeline's output and no maps."""
+    out = h.pipe(**h.inputs(guidance_scale=1.0), segmentor=segmentor, return_maps=True)
+    assert_same_images(out.images, h.stock(**h.inputs(guidance_scale=1.0)).images)
+    assert out.maps == [] and out.rates is None
