@@ -31,7 +31,7 @@ from .checks import check_call_inputs
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
-from .segment import Segmentor, make_segmentor
+from .segment import Segmentor
 
 if XLA_AVAILABLE:
     import torch_xla.core.xla_model as xm
@@ -164,7 +164,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             callback_on_step_end_tensor_inputs,
         )
         check_call_inputs(num_inference_steps, guidance_scale, height, width)  # [S-CFG] (diffusers lets these pass)
-        segmentor = make_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG]
+        segmentor = self.prepare_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG] checked before any work
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale

@@ -32,7 +32,7 @@ from .checks import check_call_inputs
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
-from .segment import Segmentor, make_segmentor
+from .segment import Segmentor
 from .tokens import PromptTokens, t5_prompt_tokens
 
 if XLA_AVAILABLE:
@@ -160,7 +160,7 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
             negative_prompt_attention_mask,
         )
         check_call_inputs(num_inference_steps, guidance_scale, height, width)  # [S-CFG] (diffusers lets these pass)
-        segmentor = make_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG]
+        segmentor = self.prepare_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG] checked before any work
         self._guidance_scale = guidance_scale  # [S-CFG]
 
         # 2. Default height and width to transformer

@@ -59,6 +59,15 @@ class SCFGPipelineMixin:
             prompts = self.maybe_convert_prompt(prompts, self.tokenizer)
         return clip_prompt_tokens(self.tokenizer, prompts, num_images_per_prompt)
 
+    def prepare_segmentor(
+        self, segmentor: str | Segmentor | None, scfg_config: SCFGConfig | None, goca_config: GoCAConfig | None
+    ) -> Segmentor | None:
+        """The call's segmentor object, its layer choice checked against this denoiser before any work."""
+        seg = make_segmentor(segmentor, scfg_config, goca_config)
+        if seg is not None:
+            seg.check_layout(ModelLayout.of(self.denoiser))
+        return seg
+
     def check_segmentation_size(self, height: int, width: int, layout: ModelLayout) -> tuple[int, int]:
         """The latent (h, w), checked to divide evenly into every attention grid of the denoiser."""
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)

@@ -61,6 +61,9 @@ class Segmentor(abc.ABC):
     def start(self, context: SegmentationContext) -> CapturePlan:
         """Resolve this call's layers from the layout, reset per-call state; return (and keep as `plan`) the plan."""
 
+    def check_layout(self, layout: ModelLayout) -> None:  # noqa: B027 (optional hook: any layout by default)
+        """Raise a clear ValueError now if this segmentor cannot run on the layout (called before any work)."""
+
     @abc.abstractmethod
     def segment(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
         """Region masks (B, T, H, W) in {0, 1} and foreground (B, 1, H, W) at latent size from one call's record."""

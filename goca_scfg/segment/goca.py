@@ -572,6 +572,9 @@ class GoCASegmentor(Segmentor):
     def __init__(self, config: GoCAConfig | None = None) -> None:
         self.config = config or GoCAConfig()
 
+    def check_layout(self, layout: ModelLayout) -> None:
+        goca_layers(layout, self.config)
+
     def start(self, context: SegmentationContext) -> CapturePlan:
         if context.tokens is None:
             raise ValueError(

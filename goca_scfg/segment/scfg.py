@@ -144,6 +144,9 @@ class SCFGSegmentor(Segmentor):
     def __init__(self, config: SCFGConfig | None = None) -> None:
         self.config = config or SCFGConfig()
 
+    def check_layout(self, layout: ModelLayout) -> None:
+        scfg_layers(layout, self.config.ratios)
+
     def start(self, context: SegmentationContext) -> CapturePlan:
         self.latent_hw = context.latent_hw
         self.fg_from_cond = context.foreground_from_cond()
