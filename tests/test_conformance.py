@@ -833,6 +833,32 @@ class _Calls:
             handle.remove()
 
 
+def _stock_supports(h, capability: str) -> bool:
+    """Whether the stock diffusers pipeline has `capability`, read off its class, `__call__` and denoiser."""
+    stock = h.case.stock
+    params = inspect.signature(stock.__call__).parameters
+    return {
+        "step_end_callback": "callback_on_step_end" in params and hasattr(stock, "_callback_tensor_inputs"),
+        "cfg_cutoff_callback": h.case.cfg_cutoff is not None,
+        "interrupt": "self.interrupt" in inspect.getsource(stock.__call__),
+        "attention_slicing": hasattr(h.denoiser(h.stock), "set_attention_slice"),
+        "freeu": hasattr(stock, "enable_freeu"),
+        "ip_adapter": hasattr(stock, "load_ip_adapter") and "ip_adapter_image_embeds" in params,
+        "guidance_rescale": "guidance_rescale" in params,
+        "resolution_binning": "use_resolution_binning" in params,
+        "max_sequence_length": "max_sequence_length" in params,
+        "clean_caption": "clean_caption" in params,
+    }[capability]
+
+
+def test_not_applicable_is_what_the_stock_pipeline_lacks(h):
+    """Each capability a case marks not applicable is one its stock pipeline lacks, and every other one it has (the
+    segmentors: test_unsupported_segmentors_raise)."""
+    for capability in CAPABILITIES:
+        if not capability.startswith("segmentor:"):
+            assert _stock_supports(h, capability) == (capability not in h.case.not_applicable), capability
+
+
 def test_unsupported_segmentors_raise(h):
     """A segmentor the pipeline does not define: a clear ValueError naming it; no denoiser call, no decoding."""
     unsupported = [s for s in SEGMENTORS if s is not None and s not in h.case.segmentors]
