@@ -5,12 +5,15 @@ three ways: `segmentor=None` must give exactly what the stock diffusers pipeline
 (`torch.equal`), and `segmentor="goca"` / `"scfg"` must run the scenario with the right output shapes and one
 `SCFGStepMaps` / `SCFGStepRates` per denoising-loop iteration of the right shape.
 
-Adding a pipeline is one `Case(...)` line in `CASES` (plus the function that builds its dummy components).
+Adding a pipeline is one `Case(...)` line in `CASES` (plus the function that builds its dummy components). What a
+stock pipeline does not support (a segmentor, FreeU, `callback_on_step_end`, ...) its Case names in `not_applicable`
+with the reason, from the vocabulary in `CAPABILITIES`; those scenarios are skipped for it and say why.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,6 +30,8 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -34,10 +39,16 @@ from diffusers import (
 )
 from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from goca_scfg import SCFGStepMaps, StableDiffusionSCFGPipeline, StableDiffusionXLSCFGPipeline
-from goca_scfg.testing import DIFFUSERS_TEST_UNET, clip_tokenizer
+from goca_scfg import (
+    GoCAConfig,
+    PixArtSigmaSCFGPipeline,
+    SCFGStepMaps,
+    StableDiffusionSCFGPipeline,
+    StableDiffusionXLSCFGPipeline,
+)
+from goca_scfg.testing import DIFFUSERS_TEST_UNET, clip_tokenizer, t5_tokenizer, tiny_pixart_components
 
 SEGMENTORS = [None, "goca", "scfg"]
 PROMPT = "a watercolour fox reading a newspaper"
@@ -129,6 +140,81 @@ def sdxl_dummy_components() -> dict[str, Any]:
     )  # fmt: skip
 
 
+def pixart_dummy_components() -> dict[str, Any]:
+    """Tiny PixArt-Sigma components: 28 blocks (so GoCA's PixArt-Sigma preset applies, as on the real model), 8
+    output channels (learned sigma), a 4-level VAE (scale 8), T5 of width 16 with a real T5-style tokenizer; sample
+    size 32 (256 px: resolution binning has its bins). diffusers' PixArt dummy scheduler, DDIM (x0 unclipped).
+
+    Queries and keys are scaled (self-attention x16, cross-attention x4) so the random attention is peaked as a
+    trained model's is: with near-uniform random self-attention, GoCA's order-5 propagation flattens every token
+    map and its per-token min-max turns 1e-7 rounding (another attention processor) into label flips at every
+    pixel. (DPM-Solver++ from t=999 would also put the random model's latents in the hundreds.)
+    """
+    components = tiny_pixart_components()
+    transformer = components["transformer"]
+    config = transformer.config
+    assert config.num_layers == 28 and config.out_channels == 2 * config.in_channels
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            for attn, scale in ((block.attn1, 16.0), (block.attn2, 4.0)):
+                attn.to_q.weight.mul_(scale)
+                attn.to_k.weight.mul_(scale)
+    return {**components, "scheduler": DDIMScheduler(clip_sample=False)}
+
+
+def pixart_two_block_components() -> dict[str, Any]:
+    """diffusers' own PixArt-Sigma fast-test components (2 transformer blocks, sample size 8, the one-level default
+    VAE, DDIM), with a tiny T5 encoder of the caption width over the offline T5-style tokenizer."""
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()  # fmt: skip
+    torch.manual_seed(0)
+    vae = AutoencoderKL().eval()
+    tokenizer = t5_tokenizer()
+    torch.manual_seed(0)
+    text_config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, is_encoder_decoder=False
+    )
+    text_encoder = T5EncoderModel(text_config).eval()
+    return dict(
+        transformer=transformer, vae=vae, scheduler=DDIMScheduler(), text_encoder=text_encoder, tokenizer=tokenizer
+    )
+
+
+# What a stock pipeline may lack. A Case lists those its stock pipeline lacks, with the reason, in `not_applicable`.
+CAPABILITIES = {
+    "segmentor:scfg": "segmentor='scfg'",
+    "step_end_callback": "callback_on_step_end and _callback_tensor_inputs",
+    "cfg_cutoff_callback": "a diffusers CFG-cutoff PipelineCallback",
+    "interrupt": "pipe._interrupt from a callback",
+    "attention_slicing": "enable_attention_slicing on the denoiser",
+    "freeu": "enable_freeu",
+    "ip_adapter": "IP-Adapter image embeddings",
+    "guidance_rescale": "guidance_rescale",
+    "resolution_binning": "use_resolution_binning",
+    "max_sequence_length": "max_sequence_length",
+    "clean_caption": "clean_caption",
+}
+_CLIP_ONLY = {
+    "resolution_binning": "no use_resolution_binning (any multiple of the VAE scale is generated as asked)",
+    "max_sequence_length": "CLIP prompts: always the tokenizer's 77 positions, no max_sequence_length",
+    "clean_caption": "no clean_caption (prompts reach the CLIP tokenizer as given)",
+}
+_PIXART_LACKS = {
+    "segmentor:scfg": "S-CFG defines no DiT segmentation; it raises (test_unsupported_segmentors_raise)",
+    "step_end_callback": "PixArtSigmaPipeline has no callback_on_step_end (only the legacy callback/callback_steps)",
+    "cfg_cutoff_callback": "diffusers.callbacks has no PixArt CFG-cutoff callback (nor PixArt callback_on_step_end)",
+    "interrupt": "PixArtSigmaPipeline's loop has no _interrupt check",
+    "attention_slicing": "PixArtTransformer2DModel has no set_attention_slice (enable_attention_slicing: a no-op)",
+    "freeu": "FreeU scales UNet up-blocks; PixArtSigmaPipeline has no enable_freeu",
+    "ip_adapter": "PixArtSigmaPipeline has no IP-Adapter loader",
+    "guidance_rescale": "PixArtSigmaPipeline has no guidance_rescale",
+}
+
+
 @dataclass(frozen=True)
 class Case:
     """One SCFG pipeline under test: its class, the stock diffusers class it extends, and its dummy inputs."""
@@ -138,19 +224,40 @@ class Case:
     stock: type
     components: Callable[[], dict[str, Any]]
     guidance_scale: float
-    # the diffusers callback that switches CFG off after a step (a `PipelineCallback`)
-    cfg_cutoff: type
+    # the diffusers callback that switches CFG off after a step (a `PipelineCallback`), if diffusers has one
+    cfg_cutoff: type | None
     # names of what `encode_prompt` returns, in order, as `__call__` keywords
     embeds: tuple[str, ...] = ("prompt_embeds", "negative_prompt_embeds")
     size: int = 32  # px: latents 16x16 with the 2-level dummy VAE
     extra: dict[str, Any] = field(default_factory=dict)  # call keywords every scenario passes to this pipeline
+    # the maps' token rows: what the tokenizer puts first, what ends a truncated prompt, and the `__call__` keyword
+    # that sets the row length (None: the tokenizer's `model_max_length`)
+    bos: tuple[str, ...] = ("<|startoftext|>",)
+    eos: str = "<|endoftext|>"
+    sequence_length: str | None = None
+    not_applicable: dict[str, str] = field(default_factory=dict)  # capability (`CAPABILITIES`) -> why
+
+    def __post_init__(self):
+        assert self.not_applicable.keys() <= CAPABILITIES.keys(), self.not_applicable.keys() - CAPABILITIES.keys()
+
+    @property
+    def segmentors(self) -> tuple[str, ...]:
+        """The segmentors this pipeline defines."""
+        return tuple(s for s in SEGMENTORS if s is not None and f"segmentor:{s}" not in self.not_applicable)
 
 
 CASES = [
-    Case("sd", StableDiffusionSCFGPipeline, StableDiffusionPipeline, sd_dummy_components, 6.0, SDCFGCutoffCallback),
+    Case("sd", StableDiffusionSCFGPipeline, StableDiffusionPipeline, sd_dummy_components, 6.0, SDCFGCutoffCallback,
+         not_applicable=_CLIP_ONLY),
     Case("sdxl", StableDiffusionXLSCFGPipeline, StableDiffusionXLPipeline, sdxl_dummy_components, 5.0,
          SDXLCFGCutoffCallback,
-         embeds=("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")),
+         embeds=("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+         not_applicable=_CLIP_ONLY),
+    Case("pixart", PixArtSigmaSCFGPipeline, PixArtSigmaPipeline, pixart_dummy_components, 5.0, None,
+         embeds=("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"),
+         size=64,  # latents 8x8 with the 4-level VAE
+         extra=dict(use_resolution_binning=False, clean_caption=False),  # as diffusers' own PixArt tests; both tested
+         bos=(), eos="</s>", sequence_length="max_sequence_length", not_applicable=_PIXART_LACKS),
 ]  # fmt: skip
 
 
@@ -184,6 +291,25 @@ class Harness:
         self.components = case.components()
         self.pipe = self.ours()
         self.stock = self.plain()
+
+    def require(self, capability: str) -> None:
+        """Skip the scenario, saying why, where the stock pipeline does not support `capability`."""
+        assert capability in CAPABILITIES, capability
+        if capability in self.case.not_applicable:
+            pytest.skip(f"{CAPABILITIES[capability]} not applicable to {self.case.name}: "
+                        f"{self.case.not_applicable[capability]}")  # fmt: skip
+
+    def token_row_length(self, kw: dict[str, Any]) -> int:
+        """Entries per token row of the maps: the call's sequence length (its default if not given) or the
+        tokenizer's `model_max_length`."""
+        name = self.case.sequence_length
+        if name is None:
+            return self.pipe.tokenizer.model_max_length
+        return kw.get(name, inspect.signature(self.case.pipeline.__call__).parameters[name].default)
+
+    def denoiser(self, pipe) -> torch.nn.Module:
+        """The UNet or transformer of either pipeline (ours or stock)."""
+        return getattr(pipe, self.case.pipeline.denoiser_name)
 
     def _build(self, cls, components=None, **replace):
         pipe = cls(**{**(components or self.components), **replace})
@@ -219,9 +345,10 @@ class Harness:
             kw["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
         return kw
 
-    def run(self, segmentor, pipe=None, stock=None, steps=None, **inputs):
+    def run(self, segmentor, pipe=None, stock=None, steps=None, latent_hw=None, **inputs):
         """Call `pipe` (default: ours) with `segmentor`. None: the output must equal the stock pipeline's on the same
-        inputs. A segmentor: the maps and rates must be right (`steps` loop iterations; default all of them)."""
+        inputs. A segmentor: the maps and rates must be right (`steps` loop iterations; default all of them; maps
+        of size `latent_hw`, default height and width over the VAE scale)."""
         pipe = pipe or self.pipe
         kw = self.inputs(**inputs)
         out = pipe(**kw, segmentor=segmentor, return_maps=segmentor is not None)
@@ -235,9 +362,10 @@ class Harness:
                 assert out.maps is None and out.rates is None
         else:
             native = pipe.denoiser.config.sample_size  # the latent size when no height/width is given
-            h, w = (kw[k] // pipe.vae_scale_factor if kw[k] else native for k in ("height", "width"))
+            hw = latent_hw or tuple(kw[k] // pipe.vae_scale_factor if kw[k] else native for k in ("height", "width"))
             maps = out[-1] if isinstance(out, tuple) else out.maps
-            check_maps(pipe, maps, _count(_images(out)), (h, w), steps, has_tokens=kw.get("prompt") is not None)
+            check_maps(pipe, maps, _count(_images(out)), hw, self.token_row_length(kw), steps,
+                       has_tokens=kw.get("prompt") is not None)  # fmt: skip
             if not isinstance(out, tuple):
                 assert [r.step for r in out.rates] == [m.step for m in maps]
                 assert all(r.mean.shape == (_count(_images(out)),) for r in out.rates)
@@ -260,9 +388,10 @@ def assert_same_guidance(a, b, segmentor) -> None:
             assert (x.foreground == y.foreground).float().mean() >= 0.95
 
 
-def check_maps(pipe, maps: list[SCFGStepMaps], n_images: int, latent_hw, steps=None, has_tokens=True) -> None:
-    """One map per loop iteration (step index and timestep in order), each (B, h, w) with labels naming tokens."""
-    timesteps, max_tokens = pipe.scheduler.timesteps, pipe.tokenizer.model_max_length
+def check_maps(pipe, maps: list[SCFGStepMaps], n_images, latent_hw, max_tokens, steps=None, has_tokens=True) -> None:
+    """One map per loop iteration (step index and timestep in order), each (B, h, w) with labels naming tokens
+    (token rows of `max_tokens` entries)."""
+    timesteps = pipe.scheduler.timesteps
     assert len(maps) == (len(timesteps) if steps is None else steps)
     for i, m in enumerate(maps):
         assert m.step == i and m.timestep == int(timesteps[i])
@@ -278,6 +407,16 @@ def check_maps(pipe, maps: list[SCFGStepMaps], n_images: int, latent_hw, steps=N
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
 def h(request) -> Harness:
     return Harness(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _segmentor_applicable(request):
+    """A scenario parametrized with a segmentor the case's pipeline does not define is skipped, saying why."""
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    case, segmentor = params.get("h"), params.get("segmentor")
+    if case is not None and segmentor is not None and segmentor not in case.segmentors:
+        pytest.skip(f"segmentor={segmentor!r} not applicable to {case.name}: "
+                    f"{case.not_applicable[f'segmentor:{segmentor}']}")  # fmt: skip
 
 
 segmentors = pytest.mark.parametrize("segmentor", SEGMENTORS, ids=["off", "goca", "scfg"])
@@ -308,8 +447,6 @@ def test_output_types(h, segmentor):
 def test_call_signature_and_components(h):
     """Same `__call__` parameters as the stock pipeline, in the same order with the same defaults, the new keywords
     after them; the same components, optional components and callback tensor inputs."""
-    import inspect
-
     ours = list(inspect.signature(h.case.pipeline.__call__).parameters.values())
     stock = [p for p in inspect.signature(h.case.stock.__call__).parameters.values() if p.kind != p.VAR_KEYWORD]
     assert [(p.name, p.default) for p in ours[: len(stock)]] == [(p.name, p.default) for p in stock]
@@ -317,7 +454,8 @@ def test_call_signature_and_components(h):
     assert new == ["segmentor", "scfg_config", "goca_config", "return_maps"]
     assert h.pipe.components.keys() == h.stock.components.keys()
     assert h.case.pipeline._optional_components == h.case.stock._optional_components
-    assert h.case.pipeline._callback_tensor_inputs == h.case.stock._callback_tensor_inputs
+    tensor_inputs = "_callback_tensor_inputs"  # PixArt: none (no callback_on_step_end)
+    assert getattr(h.case.pipeline, tensor_inputs, None) == getattr(h.case.stock, tensor_inputs, None)
 
 
 @segmentors
@@ -331,7 +469,7 @@ def test_batch_consistent_and_batch_equals_single(h, segmentor):
     assert_same_guidance(first, single, segmentor)  # the denoiser differs by ~1e-6 between batch sizes
     if segmentor is not None:
         tokens = batch.maps[0].tokens
-        assert tokens[0] == single.maps[0].tokens[0] and tokens[2][-1] == "<|endoftext|>"
+        assert tokens[0] == single.maps[0].tokens[0] and tokens[2][-1] == h.case.eos  # truncated
 
 
 def _first_image(m: SCFGStepMaps) -> SCFGStepMaps:
@@ -350,7 +488,7 @@ def test_num_images_per_prompt(h, segmentor):
         )
         assert out.images.shape[0] == n_prompts * per_prompt
         if segmentor is not None:  # one token row per image, each prompt's images together
-            want = [["<|startoftext|>", *h.pipe.tokenizer.tokenize(p)] for p in PROMPTS[:n_prompts]]
+            want = [[*h.case.bos, *h.pipe.tokenizer.tokenize(p)] for p in PROMPTS[:n_prompts]]
             want = [row for row in want for _ in range(per_prompt)]
             assert [t[: len(w)] for t, w in zip(out.maps[0].tokens, want)] == want
 
@@ -428,7 +566,7 @@ def test_save_load_local_optional_components_variants(h, saved, saved_as, segmen
 
 @segmentors
 def test_from_pipe_both_ways(h, segmentor):
-    processors = {k: type(v) for k, v in h.stock.unet.attn_processors.items()}
+    processors = {k: type(v) for k, v in h.denoiser(h.stock).attn_processors.items()}
     ours = h.case.pipeline.from_pipe(h.stock)
     ours.set_progress_bar_config(disable=True)
     assert type(ours) is h.case.pipeline
@@ -442,12 +580,13 @@ def test_from_pipe_both_ways(h, segmentor):
     got = h.run(segmentor, pipe=ours, stock=back, output_type="latent")
     if segmentor is not None:
         assert torch.equal(got.images, h.run(segmentor, output_type="latent").images)
-    assert {k: type(v) for k, v in h.stock.unet.attn_processors.items()} == processors
+    assert {k: type(v) for k, v in h.denoiser(h.stock).attn_processors.items()} == processors
 
 
 @segmentors
 def test_callback_tensor_inputs(h, segmentor):
     """A subset and all of `_callback_tensor_inputs` reach the callback; what it returns replaces the tensors."""
+    h.require("step_end_callback")
     seen = []
 
     def subset(pipe, i, t, kwargs):
@@ -474,6 +613,7 @@ def test_callback_tensor_inputs(h, segmentor):
 @segmentors
 def test_callback_changes_guidance_scale(h, segmentor):
     """A callback raising `_guidance_scale` by 1 each step: the pipeline reads the new scale at every step."""
+    h.require("step_end_callback")
 
     def louder(pipe, i, t, kwargs):
         pipe._guidance_scale += 1.0
@@ -488,6 +628,7 @@ def test_callback_changes_guidance_scale(h, segmentor):
 @segmentors
 def test_pipeline_callback_cfg_cutoff(h, segmentor):
     """diffusers' CFG-cutoff `PipelineCallback` drops the uncond half after step 1: segmentation stops there."""
+    h.require("cfg_cutoff_callback")
     cutoff = h.case.cfg_cutoff(cutoff_step_ratio=None, cutoff_step_index=1)
     h.run(segmentor, num_inference_steps=3, callback_on_step_end=cutoff, output_type="latent", steps=2)
 
@@ -495,6 +636,7 @@ def test_pipeline_callback_cfg_cutoff(h, segmentor):
 @segmentors
 def test_interrupt(h, segmentor):
     """`pipe._interrupt = True` from a callback skips the remaining steps: the output is that step's latents."""
+    h.require("interrupt")
     states = []
 
     def record(pipe, i, t, kwargs):
@@ -513,15 +655,23 @@ def test_interrupt(h, segmentor):
 
 
 @segmentors
-def test_attention_slicing_and_processors(h, segmentor):
-    """Sliced attention (slice sizes 1 and 2) and the plain attention processor: the same guidance."""
+def test_attention_slicing(h, segmentor):
+    """Sliced attention (slice sizes 1 and 2): the same guidance."""
+    h.require("attention_slicing")
     ours, stock = h.fresh()
     base = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
     for size in (1, 2):
         ours.enable_attention_slicing(slice_size=size)  # the stock pipeline shares the UNet
         sliced = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
         assert_same_guidance(sliced, base, segmentor)
-    ours.unet.set_default_attn_processor()  # plain `AttnProcessor`, as diffusers' own tests set
+
+
+@segmentors
+def test_default_attention_processor(h, segmentor):
+    """The plain attention processor (`AttnProcessor`, as diffusers' own tests set): the same guidance."""
+    ours, stock = h.fresh()
+    base = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
+    h.denoiser(ours).set_default_attn_processor()  # the stock pipeline shares the denoiser
     assert_same_guidance(h.run(segmentor, pipe=ours, stock=stock, output_type="latent"), base, segmentor)
 
 
@@ -541,6 +691,7 @@ def test_vae_slicing(h, segmentor):
 
 @segmentors
 def test_freeu(h, segmentor):
+    h.require("freeu")
     base = h.run(segmentor, output_type="latent")
     h.pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     try:
@@ -556,9 +707,12 @@ def test_freeu(h, segmentor):
 def test_fused_qkv_projections(h, segmentor):
     ours, stock = h.fresh()
     base = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
-    ours.fuse_qkv_projections()
+    # the pipeline's switch where it has one (UNet and VAE), else the denoiser's, as diffusers' own PixArt test does
+    fusing = ours if hasattr(ours, "fuse_qkv_projections") else h.denoiser(ours)
+    fusing.fuse_qkv_projections()
+    assert any("Fused" in type(p).__name__ for p in h.denoiser(ours).attn_processors.values())
     fused = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
-    ours.unfuse_qkv_projections()
+    fusing.unfuse_qkv_projections()
     unfused = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
     assert_same_guidance(fused, base, segmentor)  # one fused matmul rounds differently
     assert torch.equal(unfused.images, base.images)
@@ -609,11 +763,12 @@ def test_custom_timesteps_and_sigmas(h, segmentor):
 def test_prompt_embeds(h, segmentor):
     """`prompt_embeds`/`negative_prompt_embeds` give the images of the prompt text; goca needs the text."""
     negative = ["blurry", "dark"]
-    embeds = h.pipe.encode_prompt(
-        prompt=PROMPTS[:2], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
-        negative_prompt=negative,
-    )  # fmt: skip
-    embeds = dict(zip(h.case.embeds, embeds))
+    with torch.no_grad():  # as in `__call__` (T5 rounds differently with autograd on)
+        embeds = h.pipe.encode_prompt(
+            prompt=PROMPTS[:2], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative,
+        )  # fmt: skip
+    embeds = dict(zip(h.case.embeds, embeds), negative_prompt=None)  # PixArt's default is "", not None
     if segmentor == "goca":
         with pytest.raises(ValueError, match="needs the prompt text"):
             h.pipe(**h.inputs(prompt=None, seeds=(0, 1), **embeds), segmentor=segmentor)
@@ -626,6 +781,7 @@ def test_prompt_embeds(h, segmentor):
 @segmentors
 def test_ip_adapter(h, segmentor):
     """A random IP-Adapter loaded through diffusers' loader acts (scale 1) and is inert at scale 0."""
+    h.require("ip_adapter")
     from test_pipeline import _attach_random_ip_adapter
 
     ours, stock = h.fresh()
@@ -642,6 +798,7 @@ def test_ip_adapter(h, segmentor):
 
 @segmentors
 def test_guidance_rescale(h, segmentor):
+    h.require("guidance_rescale")
     rescaled = h.run(segmentor, guidance_rescale=0.7, output_type="latent")
     plain = h.pipe(**h.inputs(output_type="latent"), segmentor=segmentor).images
     assert not torch.equal(rescaled.images, plain)
@@ -653,3 +810,223 @@ def test_no_cfg_segments_nothing(h, segmentor):
     out = h.pipe(**h.inputs(guidance_scale=1.0), segmentor=segmentor, return_maps=True)
     assert_same_images(out.images, h.stock(**h.inputs(guidance_scale=1.0)).images)
     assert out.maps == [] and out.rates is None
+
+
+# ------------------------------------------------------------------------------ scenarios of some pipelines only
+
+
+class _Calls:
+    """Counts forward calls of modules (what ran before an error)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.counts = dict.fromkeys(modules, 0)
+        self.handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args):
+            self.counts[name] += 1
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _stock_supports(h, capability: str) -> bool:
+    """Whether the stock diffusers pipeline has `capability`, read off its class, `__call__` and denoiser."""
+    stock = h.case.stock
+    params = inspect.signature(stock.__call__).parameters
+    return {
+        "step_end_callback": "callback_on_step_end" in params and hasattr(stock, "_callback_tensor_inputs"),
+        "cfg_cutoff_callback": h.case.cfg_cutoff is not None,
+        "interrupt": "self.interrupt" in inspect.getsource(stock.__call__),
+        "attention_slicing": hasattr(h.denoiser(h.stock), "set_attention_slice"),
+        "freeu": hasattr(stock, "enable_freeu"),
+        "ip_adapter": hasattr(stock, "load_ip_adapter") and "ip_adapter_image_embeds" in params,
+        "guidance_rescale": "guidance_rescale" in params,
+        "resolution_binning": "use_resolution_binning" in params,
+        "max_sequence_length": "max_sequence_length" in params,
+        "clean_caption": "clean_caption" in params,
+    }[capability]
+
+
+def test_not_applicable_is_what_the_stock_pipeline_lacks(h):
+    """Each capability a case marks not applicable is one its stock pipeline lacks, and every other one it has (the
+    segmentors: test_unsupported_segmentors_raise)."""
+    for capability in CAPABILITIES:
+        if not capability.startswith("segmentor:"):
+            assert _stock_supports(h, capability) == (capability not in h.case.not_applicable), capability
+
+
+def test_unsupported_segmentors_raise(h):
+    """A segmentor the pipeline does not define: a clear ValueError naming it; no denoiser call, no decoding."""
+    unsupported = [s for s in SEGMENTORS if s is not None and s not in h.case.segmentors]
+    if not unsupported:
+        pytest.skip(f"{h.case.name} defines every segmentor")
+    calls = _Calls({"denoiser": h.denoiser(h.pipe), "vae": h.pipe.vae})
+    try:
+        for segmentor in unsupported:
+            with pytest.raises(ValueError, match=f"segmentor={segmentor!r} is defined for UNet denoisers only"):
+                h.pipe(**h.inputs(), segmentor=segmentor)
+    finally:
+        calls.remove()
+    assert calls.counts == {"denoiser": 0, "vae": 0}
+
+
+def test_unsupported_segmentors_raise_before_any_work(h, request):
+    """... and before the text encoder runs or the generator draws anything."""
+    unsupported = [s for s in SEGMENTORS if s is not None and s not in h.case.segmentors]
+    if not unsupported:
+        pytest.skip(f"{h.case.name} defines every segmentor")
+    request.applymarker(
+        pytest.mark.xfail(
+            strict=True,
+            raises=AssertionError,
+            reason="library: PixArtSigmaSCFGPipeline resolves the segmentor's layers only at loop step 6.2 "
+            "(start_spatial_guidance), after encode_prompt and prepare_latents; make_segmentor at step 1 accepts "
+            "'scfg', so it raises after the T5 encoder ran and the generator drew the latents",
+        )
+    )
+    calls = _Calls({"text_encoder": h.pipe.text_encoder})
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    try:
+        with pytest.raises(ValueError, match="is defined for UNet denoisers only"):
+            h.pipe(**h.inputs(seeds=None, generator=generator), segmentor=unsupported[0])
+    finally:
+        calls.remove()
+    assert calls.counts == {"text_encoder": 0}, "the text encoder ran"
+    assert torch.equal(generator.get_state(), state), "the generator drew"
+
+
+@segmentors
+def test_resolution_binning(h, segmentor):
+    """`use_resolution_binning=True`: the latents at the nearest bin of the transformer's aspect-ratio table, the
+    decoded image resized and cropped back to the size asked for; the maps at the binned latent size."""
+    h.require("resolution_binning")
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_256_BIN
+
+    assert h.pipe.transformer.config.sample_size == 32  # 256 px: the 256 table
+    size = dict(height=h.case.size, width=h.case.size * 3 // 2)
+    binned = [int(x) for x in h.pipe.image_processor.classify_height_width_bin(**size, ratios=ASPECT_RATIO_256_BIN)]
+    assert binned != [size["height"], size["width"]]
+    hw = tuple(x // h.pipe.vae_scale_factor for x in binned)
+    latents = h.run(segmentor, **size, use_resolution_binning=True, output_type="latent", latent_hw=hw)
+    assert latents.images.shape[-2:] == hw
+    image = h.run(segmentor, **size, use_resolution_binning=True, output_type="pt", latent_hw=hw)
+    assert image.images.shape[-2:] == (size["height"], size["width"])
+    unbinned = h.run(segmentor, **size, use_resolution_binning=False, output_type="pt")
+    assert unbinned.images.shape == image.images.shape and not torch.allclose(unbinned.images, image.images)
+    if segmentor is not None:
+        assert all(torch.equal(a.rate, b.rate) for a, b in zip(latents.maps, image.maps))
+
+
+@segmentors
+def test_max_sequence_length(h, segmentor):
+    """`max_sequence_length` truncates the prompt (the encoder's `</s>` last) and sets the token rows' length (its
+    default, 300, as well: this prompt has 300 pieces)."""
+    h.require("max_sequence_length")
+    long = 100 * "very long "
+    short = h.run(segmentor, prompt=[PROMPT, long], seeds=(0, 1), max_sequence_length=16, output_type="latent")
+    default = h.run(segmentor, prompt=[PROMPT, long], seeds=(0, 1), output_type="latent")
+    assert not torch.equal(short.images[1], default.images[1])
+    if segmentor is not None:
+        words = h.pipe.tokenizer.tokenize(long)
+        assert short.maps[0].tokens[1] == [*words[:15], h.case.eos]
+        assert len(words) >= 300 and default.maps[0].tokens[1] == [*words[:299], h.case.eos]
+
+
+@segmentors
+def test_clean_caption(h, segmentor):
+    """`clean_caption=True` (PixArt's default): the encoder sees the cleaned, lower-cased text, and the maps name
+    its tokens (without bs4 installed diffusers warns and only lower-cases, for the embeddings and the maps
+    alike)."""
+    h.require("clean_caption")
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    prompt = "A FOX   reading #news at http://example.com"
+    out = h.run(segmentor, prompt=prompt, clean_caption=True, output_type="latent")
+    raw = h.run(segmentor, prompt=prompt, clean_caption=False, output_type="latent")
+    seen = h.pipe._text_preprocessing(prompt, clean_caption=True)[0]
+    assert seen != prompt
+    if segmentor is not None:  # by id: pieces out of the vocabulary are `<unk>`
+        tokens = h.pipe.tokenizer.convert_ids_to_tokens(h.pipe.tokenizer(seen).input_ids)
+        assert tokens[-1] == h.case.eos and out.maps[0].tokens[0][: len(tokens)] == tokens
+        cleaning = is_bs4_available() and is_ftfy_available()  # else both only lower-case
+        assert (raw.maps[0].tokens[0] != out.maps[0].tokens[0]) == cleaning
+
+
+@segmentors
+def test_legacy_callback(h, segmentor):
+    """The older `callback(step, t, latents)` every `callback_steps` steps (PixArt's only callback; deprecated in
+    the Stable Diffusion pipelines): the same calls as the stock pipeline's, the last one with the output."""
+    calls = []
+
+    def record(step, t, latents):
+        calls.append((step, int(t), latents.clone()))
+
+    out = h.run(segmentor, num_inference_steps=3, callback=record, callback_steps=2, output_type="latent")
+    timesteps = [int(t) for t in h.pipe.scheduler.timesteps]
+    ours = calls[:2]
+    assert [(step, t) for step, t, _ in ours] == [(0, timesteps[0]), (2, timesteps[2])]
+    assert torch.equal(ours[-1][2], out.images)
+    if segmentor is None:  # then the stock pipeline ran the same callback
+        assert len(calls) == 4 and all(a[:2] == b[:2] and torch.equal(a[2], b[2]) for a, b in zip(ours, calls[2:]))
+    with pytest.raises(ValueError, match="callback_steps"):
+        h.pipe(**h.inputs(), callback=record, callback_steps=0, segmentor=segmentor)
+
+
+def test_goca_vanilla_config(h):
+    """GoCA with the authors' vanilla configuration (average heads and layers, no rescaling) segments too."""
+    vanilla = h.run("goca", goca_config=GoCAConfig.vanilla(), output_type="latent")
+    plain = h.pipe(**h.inputs(output_type="latent"), segmentor=None).images
+    default = h.run("goca", output_type="latent")
+    assert (vanilla.images - plain).abs().max() > 1e-2
+    assert any(not torch.equal(a.labels, b.labels) for a, b in zip(vanilla.maps, default.maps))
+
+
+@segmentors
+def test_save_load_without_optional_components(h, segmentor, tmp_path):
+    """Optional components set to None (PixArt: tokenizer and text encoder) stay None through save/load; the
+    loaded pipeline generates from prompt embeddings, several images each, as before saving; goca needs the text."""
+    optional = [n for n in h.case.pipeline._optional_components if h.components.get(n) is not None]
+    if not optional:
+        pytest.skip(f"{h.case.name}: its optional components are None in the dummy already (test_save_load_...)")
+    with torch.no_grad():
+        embeds = dict(zip(h.case.embeds, h.pipe.encode_prompt(PROMPT, device="cpu")), negative_prompt=None)
+    kw = dict(prompt=None, seeds=(0, 1), num_images_per_prompt=2, output_type="latent", **embeds)
+    ours, stock = h.ours(**dict.fromkeys(optional)), h.plain(**dict.fromkeys(optional))
+    ours.save_pretrained(tmp_path)
+    loaded = h.case.pipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert all(getattr(loaded, name) is None for name in optional)
+    if segmentor == "goca":
+        with pytest.raises(ValueError, match="needs the prompt text"):
+            loaded(**h.inputs(**kw), segmentor=segmentor)
+        return
+    got = h.run(segmentor, pipe=loaded, stock=stock, **kw)
+    assert torch.equal(got.images, h.run(segmentor, pipe=ours, stock=stock, **kw).images)
+    assert got.images.shape[0] == 2
+
+
+def test_goca_pixart_without_preset():
+    """diffusers' own 2-block PixArt dummy: not PixArt-Sigma's 28 blocks, so no GoCA preset. The SD v1.5 rule looks
+    for an up-path cross block, which a DiT has not: a clear error asking for `GoCAConfig.dense_layer`; with it,
+    GoCA runs on the generic transformer layout (all cross blocks, the first self block, order 2)."""
+    components = pixart_two_block_components()
+    pipe, stock = PixArtSigmaSCFGPipeline(**components), PixArtSigmaPipeline(**components)
+    for p in (pipe, stock):
+        p.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPT, num_inference_steps=2, guidance_scale=5.0, use_resolution_binning=False,
+              clean_caption=False, output_type="latent")  # fmt: skip
+    plain = pipe(**kw, generator=torch.Generator().manual_seed(0), segmentor=None).images
+    assert torch.equal(plain, stock(**kw, generator=torch.Generator().manual_seed(0)).images)
+    with pytest.raises(ValueError, match="no up-path cross-attention; set GoCAConfig.dense_layer"):
+        pipe(**kw, segmentor="goca")
+    config = GoCAConfig(dense_layer="transformer_blocks.1")
+    out = pipe(
+        **kw, generator=torch.Generator().manual_seed(0), segmentor="goca", goca_config=config, return_maps=True
+    )
+    check_maps(pipe, out.maps, 1, plain.shape[-2:], 300)
+    assert (out.images - plain).abs().max() > 1e-3
