@@ -874,20 +874,11 @@ def test_unsupported_segmentors_raise(h):
     assert calls.counts == {"denoiser": 0, "vae": 0}
 
 
-def test_unsupported_segmentors_raise_before_any_work(h, request):
+def test_unsupported_segmentors_raise_before_any_work(h):
     """... and before the text encoder runs or the generator draws anything."""
     unsupported = [s for s in SEGMENTORS if s is not None and s not in h.case.segmentors]
     if not unsupported:
         pytest.skip(f"{h.case.name} defines every segmentor")
-    request.applymarker(
-        pytest.mark.xfail(
-            strict=True,
-            raises=AssertionError,
-            reason="library: PixArtSigmaSCFGPipeline resolves the segmentor's layers only at loop step 6.2 "
-            "(start_spatial_guidance), after encode_prompt and prepare_latents; make_segmentor at step 1 accepts "
-            "'scfg', so it raises after the T5 encoder ran and the generator drew the latents",
-        )
-    )
     calls = _Calls({"text_encoder": h.pipe.text_encoder})
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
