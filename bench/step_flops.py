@@ -221,10 +221,11 @@ def build_pipeline(arch: str, mode: str = "shapes", tiny: bool = False):
     return pipe
 
 
-def count_table(pipe, sizes: list[tuple[int, int]], methods: list[str], batch: int = 1) -> list[dict]:
-    """One row per (size, method): the step's FLOPs and their ratios to plain CFG (the first method)."""
+def count_table(pipe, cases: list[tuple[int, int, int]], methods: list[str]) -> list[dict]:
+    """One row per (height, width, batch) case and method: the step's FLOPs and their ratios to plain CFG (the
+    first method)."""
     rows = []
-    for height, width in sizes:
+    for height, width, batch in cases:
         base = None
         for method in methods:
             start = time.perf_counter()
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import goca_scfg
 
     print(f"# FLOPs per denoising step; goca_scfg at {goca_scfg.__file__}; torch {torch.__version__}; {args}")
-    rows = count_table(build_pipeline(args.arch, args.mode, args.tiny), sizes, methods, args.batch)
+    cases = [(h, w, args.batch) for h, w in sizes]
+    rows = count_table(build_pipeline(args.arch, args.mode, args.tiny), cases, methods)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
