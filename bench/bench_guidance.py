@@ -143,7 +143,8 @@ def profile_stages(pipe, case: Case, method: str, args) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    run_once(pipe, case, method, args.warmup_steps, args.device)
+    if args.warmup_steps:
+        run_once(pipe, case, method, args.warmup_steps, args.device)
     with profile(activities=activities) as prof:
         run_once(pipe, case, method, args.profile_steps, args.device)
     out = {}
