@@ -137,7 +137,8 @@ class _StepCounted(Exception):
 
 def count_step(pipe, height: int, width: int, batch: int, **call_kwargs) -> dict:
     """FLOPs of the first denoising step of `pipe(...)` (denoiser call on 2B, segmentation, rate, combine)."""
-    counter = StepCounter(shapes_only=pipe.unet.device.type == "meta")
+    denoiser = pipe.denoiser if hasattr(pipe, "denoiser") else pipe.unet  # older trees: no `denoiser`
+    counter = StepCounter(shapes_only=denoiser.device.type == "meta")
     state = {"running": False}
 
     def on_denoiser_start(module, args):
@@ -153,7 +154,6 @@ def count_step(pipe, height: int, width: int, batch: int, **call_kwargs) -> dict
         state["running"] = False
         raise _StepCounted
 
-    denoiser = pipe.unet
     hooks = [denoiser.register_forward_pre_hook(on_denoiser_start), denoiser.register_forward_hook(on_denoiser_end)]
     pipe.scheduler.step = scheduler_step  # instance attribute: shadows the method for this call only
     try:
