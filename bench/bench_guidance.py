@@ -13,7 +13,7 @@ timing, the FLOPs of one denoising step per case and method (bench/step_flops.py
   python bench/bench_guidance.py --tiny                  # CPU smoke mode: seconds (--arch sdxl: tiny SDXL)
   python bench/bench_guidance.py --device cuda           # SD v1.5 cases of the GPU run (fp16, 50 steps)
   python bench/bench_guidance.py --device cuda --arch sdxl   # SDXL 1024² b1, its Euler scheduler
-  python bench/bench_guidance.py --flops --cases 512b1,768b1,1024b1  # FLOPs per step, seconds on a CPU
+  python bench/bench_guidance.py --flops --cases 512b1,768b1,1024b1  # FLOPs per step: no GPU, minutes on a CPU
 """
 
 from __future__ import annotations
