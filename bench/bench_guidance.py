@@ -1,14 +1,19 @@
 """Time and peak memory of S-CFG and GoCA guidance against plain CFG, measured in the same run on one device.
 
-Builds an SD-v1.5-sized pipeline with random weights (the published SD v1.5 UNet / VAE / text-encoder configs and
-the offline CLIP tokenizer; random weights time exactly like real ones), or loads real weights with --model.
+Builds a pipeline of real size with random weights (`--arch sd15`: the published SD v1.5 UNet / VAE / text-encoder
+configs; `--arch sdxl`: SDXL base 1.0's, with `StableDiffusionXLSCFGPipeline`; the offline CLIP tokenizer; random
+weights time exactly like real ones), or loads real weights with --model (the SCFG pipeline class is picked from
+its model_index.json).
 For every case (size × batch) and method it reports the median seconds per image over repeats, the peak device
 memory, and both as ratios to plain CFG (`segmentor=None`). With --profile it attributes the per-step cost of the
 segmentation stages (torch.profiler labels `goca_scfg::*`). With --agreement it measures the per-step label
-agreement of GoCA's fast mode against the exact mode on the same recorded maps.
+agreement of GoCA's fast mode against the exact mode on the same recorded maps. With --flops it counts, instead of
+timing, the FLOPs of one denoising step per case and method (bench/step_flops.py; no GPU needed).
 
-  python bench/bench_guidance.py --tiny                  # CPU smoke mode: seconds
-  python bench/bench_guidance.py --device cuda           # the GPU run of bench/RESULTS.md (fp16, 50 steps)
+  python bench/bench_guidance.py --tiny                  # CPU smoke mode: seconds (--arch sdxl: tiny SDXL)
+  python bench/bench_guidance.py --device cuda           # SD v1.5 cases of the GPU run (fp16, 50 steps)
+  python bench/bench_guidance.py --device cuda --arch sdxl   # SDXL 1024² b1, its Euler scheduler
+  python bench/bench_guidance.py --flops --cases 512b1,768b1,1024b1  # FLOPs per step: no GPU, minutes on a CPU
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -24,12 +30,20 @@ from dataclasses import dataclass
 
 import torch
 
-from goca_scfg import AttentionRecord, StableDiffusionSCFGPipeline, capture_attention
-from goca_scfg.loading import swap_scheduler
-from goca_scfg.testing import sd15_random_components, tiny_components
+from goca_scfg import AttentionRecord, StableDiffusionSCFGPipeline, StableDiffusionXLSCFGPipeline, capture_attention
+from goca_scfg.loading import load_pipeline, swap_scheduler
+from goca_scfg.testing import sd15_random_components, sdxl_random_components, tiny_components, tiny_xl_components
 from goca_scfg.vocab import BASELINE, DTYPE_NAMES, METHOD_NAMES, SCHEDULER_NAMES, get_method, torch_dtype
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ is no package: its sibling step_flops
+import step_flops  # noqa: E402
+
 DEFAULT_METHODS = (BASELINE, "scfg", "goca", "goca-fast")
+# --arch → (pipeline class, real-size random components, tiny components, default cases)
+ARCHS = {
+    "sd15": (StableDiffusionSCFGPipeline, sd15_random_components, tiny_components, "512b1,512b8,1024b1"),
+    "sdxl": (StableDiffusionXLSCFGPipeline, sdxl_random_components, tiny_xl_components, "1024b1"),
+}
 PROMPT = "a photograph of an astronaut riding a horse on the beach"
 
 
@@ -44,15 +58,15 @@ class Case:
         return f"{self.height}x{self.width} b{self.batch}"
 
 
-def build_pipeline(args) -> StableDiffusionSCFGPipeline:
+def build_pipeline(args):
     dtype = torch_dtype(args.dtype)
+    cls, real_size, tiny, _ = ARCHS[args.arch]
     if args.tiny:
-        pipe = StableDiffusionSCFGPipeline(**tiny_components()).to(args.device)
+        pipe = cls(**tiny()).to(args.device)
     elif args.model:
-        pipe = StableDiffusionSCFGPipeline.from_pretrained(args.model, dtype=dtype, safety_checker=None)
-        pipe = pipe.to(args.device)
+        pipe = load_pipeline(args.model, torch_dtype=dtype, device=args.device)
     else:
-        pipe = StableDiffusionSCFGPipeline(**sd15_random_components()).to(device=args.device, dtype=dtype)
+        pipe = cls(**real_size()).to(device=args.device, dtype=dtype)
     swap_scheduler(pipe, args.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -97,7 +111,8 @@ def measure(pipe, cases: list[Case], methods: list[str], args) -> list[dict]:
         base_time = base_mem = None
         for method in methods:
             try:
-                run_once(pipe, case, method, args.warmup_steps, args.device)  # warm-up (kernels, allocator)
+                if args.warmup_steps:  # warm-up (kernels, allocator); 0: none (slow CPU runs)
+                    run_once(pipe, case, method, args.warmup_steps, args.device)
                 runs = [run_once(pipe, case, method, args.steps, args.device) for _ in range(args.repeats)]
             except torch.cuda.OutOfMemoryError:
                 rows.append(dict(case=case.name, method=method, error="out of memory"))
@@ -128,7 +143,8 @@ def profile_stages(pipe, case: Case, method: str, args) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    run_once(pipe, case, method, args.warmup_steps, args.device)
+    if args.warmup_steps:
+        run_once(pipe, case, method, args.warmup_steps, args.device)
     with profile(activities=activities) as prof:
         run_once(pipe, case, method, args.profile_steps, args.device)
     out = {}
@@ -140,15 +156,31 @@ def profile_stages(pipe, case: Case, method: str, args) -> dict[str, float]:
     return out
 
 
-def capture_bytes(pipe, case: Case, method: str) -> int:
-    """Bytes the attention record holds at the end of a UNet call (the capture's extra memory per step)."""
+def plan_outside_call(pipe, case: Case, method: str):
+    """The segmentation plan a pipeline call makes for this case and method (with the uncond condition the call
+    would encode: SDXL's empty negative prompt is all zeros, which changes what the segmentors read)."""
     kwargs = get_method(method).pipeline_kwargs()
     prompts = [PROMPT] * case.batch
-    plan = pipe.spatial_guidance(
-        kwargs["segmentor"], prompts, case.height, case.width, goca_config=kwargs["goca_config"]
+    negative = pipe.encode_prompt(
+        prompts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+    )[1]
+    return pipe.spatial_guidance(
+        kwargs["segmentor"],
+        prompts,
+        case.height,
+        case.width,
+        scfg_config=kwargs["scfg_config"],
+        goca_config=kwargs["goca_config"],
+        batch_size=case.batch,
+        negative_prompt_embeds=negative,
     )
+
+
+def capture_bytes(pipe, case: Case, method: str) -> int:
+    """Bytes the attention record holds at the end of a denoiser call (the capture's extra memory per step)."""
+    plan = plan_outside_call(pipe, case, method)
     held = []
-    with capture_attention(pipe.unet, plan.requests, plan.reducers) as record:
+    with capture_attention(pipe.denoiser, plan.requests, plan.reducers) as record:
         _generate(pipe, case, 1, segmentor=None, callback_on_step_end=lambda *_: held.append(record.nbytes()) or {})
     return max(held)
 
@@ -172,12 +204,8 @@ def label_agreement(pipe, case: Case, args) -> dict[str, list[float]]:
     often labels flip under precision noise alone). Every plan segments the same recorded maps of one plain-CFG
     trajectory, so only the approximation differs.
     """
-    prompts = [PROMPT] * case.batch
-    exact = get_method("goca").goca_config
-    plans = {
-        name: pipe.spatial_guidance("goca", prompts, case.height, case.width, goca_config=cfg)
-        for name, cfg in (("exact", exact), ("fast", get_method("goca-fast").goca_config), ("fp16_noise", exact))
-    }
+    plans = {name: plan_outside_call(pipe, case, method) for name, method in
+             (("exact", "goca"), ("fast", "goca-fast"), ("fp16_noise", "goca"))}  # fmt: skip
     agreement: dict[str, list[float]] = {"fast": [], "fp16_noise": []}
 
     def on_step(_pipe, i, _t, _kwargs):
@@ -189,7 +217,7 @@ def label_agreement(pipe, case: Case, args) -> dict[str, list[float]]:
         return {}
 
     # all plans record the same layers with the same reducers (fast mode changes no head aggregation)
-    with capture_attention(pipe.unet, plans["exact"].requests, plans["exact"].reducers) as record:
+    with capture_attention(pipe.denoiser, plans["exact"].requests, plans["exact"].reducers) as record:
         _generate(pipe, case, args.agreement_steps, segmentor=None, callback_on_step_end=on_step)
     return agreement
 
@@ -203,14 +231,29 @@ def parse_cases(text: str) -> list[Case]:
     return cases
 
 
+def count_flops(args, cases: list[Case], methods: list[str]) -> dict:
+    """FLOPs of one denoising step per case and method (bench/step_flops.py, shapes only: no GPU, seconds)."""
+    if args.model:
+        raise SystemExit("--flops counts the random-weight architectures (--arch); --model is not used")
+    print(f"# FLOPs per denoising step; arch {args.arch}{' (tiny)' if args.tiny else ''}; torch {torch.__version__}")
+    pipe = step_flops.build_pipeline(args.arch, "shapes", args.tiny)
+    rows = step_flops.count_table(pipe, [(c.height, c.width, c.batch) for c in cases], methods)
+    results = {"args": vars(args), "flops": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=tuple(ARCHS), default="sd15", help="architecture of the random weights")
     parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU, a few steps (smoke mode)")
-    parser.add_argument("--model", default=None, help="real weights (hub id or path); default: random SD v1.5")
+    parser.add_argument("--model", default=None, help="real weights (hub id or path); default: random weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16")
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="default")
-    parser.add_argument("--cases", default="512b1,512b8,1024b1", help="comma list of SIZE[xW]bBATCH")
+    parser.add_argument("--cases", default=None, help="comma list of SIZE[xW]bBATCH; default by --arch")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {','.join(METHOD_NAMES)}")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=3)
@@ -219,11 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--agreement", action="store_true", help="fast-mode label agreement vs exact mode")
     parser.add_argument("--agreement-steps", type=int, default=20)
+    parser.add_argument("--flops", action="store_true", help="count FLOPs per denoising step instead of timing")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     args = parser.parse_args(argv)
     if args.tiny:
         args.device, args.dtype = "cpu", "fp32"
-        if args.cases == parser.get_default("cases"):
+        if args.cases is None:
             args.cases = "128b1,128b2"
         if args.steps == parser.get_default("steps"):
             args.steps = 3
@@ -235,9 +279,12 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(methods) - set(METHOD_NAMES)
     if unknown or methods[0] != BASELINE:
         parser.error(f"--methods must start with {BASELINE} (the baseline) and use {METHOD_NAMES}; got {methods}")
-    cases = parse_cases(args.cases)
+    cases = parse_cases(args.cases or ARCHS[args.arch][3])
+    if args.flops:
+        return count_flops(args, cases, methods)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"# device: {device_name}; dtype {args.dtype}; scheduler {args.scheduler}; steps {args.steps}")
+    print(f"# device: {device_name}; arch {args.arch}; dtype {args.dtype}; scheduler {args.scheduler}", end="")
+    print(f"; steps {args.steps}")
     print(f"# torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; command: {' '.join(sys.argv)}")
     pipe = build_pipeline(args)
     results: dict = {"device": device_name, "args": vars(args), "rows": measure(pipe, cases, methods, args)}

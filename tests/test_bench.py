@@ -1,36 +1,44 @@
-"""The benchmark's CPU smoke mode runs end to end (no timing assertions: bench/ owns timings)."""
+"""The benchmark's CPU smoke modes run end to end, and its FLOP count is right (no timing assertions: bench/ owns
+timings)."""
 
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_guidance.py"
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def test_bench_tiny_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_guidance", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_guidance"] = bench  # dataclasses look their module up
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
     try:
-        spec.loader.exec_module(bench)
+        spec.loader.exec_module(module)
     finally:
-        sys.modules.pop("bench_guidance", None)
+        sys.modules.pop(name, None)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench_guidance")
+
+
+@pytest.fixture(scope="module")
+def step_flops():
+    return _load("step_flops")
+
+
+def test_bench_tiny_smoke(bench, tmp_path):
     out = tmp_path / "bench.json"
-    argv = [
-        "--tiny",
-        "--cases",
-        "128b2",
-        "--repeats",
-        "1",
-        "--steps",
-        "2",
-        "--profile",
-        "--agreement",
-        "--json",
-        str(out),
-    ]
-    bench.main(argv)
+    argv = ["--tiny", "--cases", "128b2", "--repeats", "1", "--steps", "2", "--profile", "--agreement"]
+    bench.main([*argv, "--json", str(out)])
     results = json.loads(out.read_text())
     rows = {r["method"]: r for r in results["rows"]}
     assert set(rows) == {"cfg", "scfg", "goca", "goca-fast"}
@@ -42,3 +50,51 @@ def test_bench_tiny_smoke(tmp_path):
     agreement = results["agreement"]["128x128 b2"]
     assert set(agreement) == {"fast", "fp16_noise"}
     assert all(len(v) > 0 and all(0 <= a <= 1 for a in v) for v in agreement.values())
+
+
+def test_bench_tiny_sdxl_smoke(bench):
+    argv = ["--arch", "sdxl", "--tiny", "--cases", "64b1", "--methods", "cfg,goca", "--repeats", "1", "--steps", "1"]
+    results = bench.main([*argv, "--warmup-steps", "0", "--profile", "--profile-steps", "1"])
+    assert results["args"]["arch"] == "sdxl"
+    assert [r["method"] for r in results["rows"]] == ["cfg", "goca"]
+    assert all(r["s_per_img"] > 0 and r["time_ratio"] > 0 for r in results["rows"])
+    assert "goca_scfg::goca_segment" in results["profile"]["goca"]
+    assert results["profile"]["goca"]["record_mib"] > 0
+
+
+def test_sdpa_rule_is_the_math_paths_count(step_flops):
+    """The explicit rule equals what FlopCounterMode counts where SDPA runs as explicit matmuls (the math path)."""
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 16)  # d_v != d_qk: math path
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == step_flops.sdpa_flops(q, k, v) == 2 * 6 * 5 * 7 * (8 + 16)
+
+
+KEYS = ("total", "sdpa", "dense", "denoiser", "after_denoiser", "sdpa_calls")
+
+
+@pytest.mark.parametrize("arch, methods", [("sd15", ["cfg", "scfg", "goca"]), ("sdxl", ["cfg", "goca"])])
+def test_shapes_only_count_equals_real_count(step_flops, arch, methods):
+    """Counting with a meta denoiser and shape-only ops gives exactly the count of the real computation."""
+    cases = [(64, 64, 2)]
+    shapes = step_flops.count_table(step_flops.build_pipeline(arch, "shapes", tiny=True), cases, methods)
+    real = step_flops.count_table(step_flops.build_pipeline(arch, "real", tiny=True), cases, methods)
+    assert [{k: r[k] for k in KEYS} for r in shapes] == [{k: r[k] for k in KEYS} for r in real]
+    rows = dict(zip(methods, shapes))
+    cfg, goca = rows["cfg"], rows["goca"]
+    assert cfg["after_denoiser"] == 0 and cfg["sdpa"] > 0 and cfg["dense"] > 0
+    assert goca["sdpa_calls"] > cfg["sdpa_calls"] and goca["after_denoiser"] > 0 and goca["total_ratio"] > 1
+    if "scfg" in rows:  # S-CFG adds no attention call, only its segmentation after the denoiser
+        assert rows["scfg"]["sdpa"] == cfg["sdpa"] and rows["scfg"]["after_denoiser"] > 0
+
+
+def test_bench_flops_flag(bench, tmp_path):
+    out = tmp_path / "flops.json"
+    bench.main(["--flops", "--tiny", "--cases", "64b1,64x128b2", "--methods", "cfg,scfg", "--json", str(out)])
+    rows = json.loads(out.read_text())["flops"]
+    assert [(r["size"], r["batch"], r["method"]) for r in rows] == [
+        ("64x64", 1, "cfg"), ("64x64", 1, "scfg"), ("64x128", 2, "cfg"), ("64x128", 2, "scfg")
+    ]  # fmt: skip
+    assert rows[0]["total_ratio"] == 1.0 and rows[1]["total"] > rows[0]["total"]
+    assert rows[2]["denoiser"] > 3 * rows[0]["denoiser"]  # twice the batch, twice the pixels

@@ -1,0 +1,290 @@
+"""FLOPs of one denoising step of plain CFG, S-CFG and GoCA, counted, not timed (no GPU needed).
+
+One step = everything from the start of the denoiser call on the 2B (uncond + cond) batch to the scheduler step:
+the denoiser call (with the attention capture and its in-forward reducers), the segmentation, the rate and the
+combine. It is counted through an ordinary pipeline call (`num_inference_steps=1`, latent output), so the same
+script counts any tree of goca_scfg that has `StableDiffusionSCFGPipeline` (e.g. an older commit, for a
+before/after comparison: run it with PYTHONPATH pointing at that tree).
+
+Counting rule:
+  - dense ops (matmul, conv, linear, bmm, einsum, ...) by `torch.utils.flop_counter.FlopCounterMode`;
+  - every `F.scaled_dot_product_attention` call as 2·L_q·L_k·(d_qk + d_v) per head and batch row, whatever kernel
+    runs it, with d_qk/d_v the (padded) head sizes actually passed. FlopCounterMode alone does not count this
+    consistently on the CPU: the fused `_scaled_dot_product_flash_attention_for_cpu` counts as 0, while calls that
+    fall back to the math path (unequal q/v head sizes) count as their two bmm's (= this rule). Each call is
+    therefore counted by the rule and run with FlopCounterMode paused.
+
+By default (`--mode shapes`) the denoiser's weights live on the meta device and, inside the counted step, every
+counted op and every op touching a meta tensor is run for its output's shape only (zeros of the right shape and
+strides on the CPU): no arithmetic where the FLOPs are, while everything that reads values (token masks, the
+blank-uncond check, `int(t)`) still runs on real CPU tensors. The text encoders and the VAE are real (random) CPU
+modules; the scheduler is DDIM (any scheduler adds no counted FLOPs). The maps are zeros then, so this relies on
+no FLOP count depending on attention values (it depends on shapes and token masks only); `--mode real` computes
+everything on the CPU (slow at real sizes) and the tests check on the tiny models that both modes count the same.
+The uncounted element-wise work still runs: on 2 CPU cores a row takes 10 s (512², CFG) to 6 min (1024², GoCA).
+
+  python bench/step_flops.py --arch sd15 --sizes 512,768,1024
+  python bench/step_flops.py --arch sdxl --sizes 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+PROMPT = "a photograph of an astronaut riding a horse on the beach"
+METHODS = ("cfg", "scfg", "goca")
+
+
+def sdpa_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """2·L_q·L_k·(d_qk + d_v) per head and batch row of one scaled-dot-product-attention call."""
+    rows = math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    return 2 * rows * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+def _is_meta(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_meta
+
+
+class ShapesOnly(TorchDispatchMode):
+    """Counted ops (FlopCounterMode's registry) and ops touching a meta tensor return CPU zeros of the shape and
+    strides the op would give, found on the meta device: no arithmetic where the FLOPs are."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = [*args, *kwargs.values()]
+        if func._overloadpacket not in flop_registry and not any(map(_is_meta, flat)):
+            return func(*args, **kwargs)
+        device = next((x.device for x in flat if isinstance(x, torch.Tensor) and not x.is_meta), torch.device("cpu"))
+        meta = tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        out = func(*meta[0], **meta[1])
+        return tree_map(
+            lambda m: (
+                torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device).zero_() if _is_meta(m) else m
+            ),
+            out,
+        )
+
+
+class StepCounter(TorchFunctionMode):
+    """Dense FLOPs by FlopCounterMode and SDPA FLOPs by `sdpa_flops`, split at the end of the denoiser call.
+    shapes_only: no arithmetic in the counted ops (`ShapesOnly`); SDPA calls return zeros of their output shape."""
+
+    def __init__(self, shapes_only: bool = False) -> None:
+        super().__init__()
+        self.shapes_only = ShapesOnly() if shapes_only else None
+        self.dense = FlopCounterMode(display=False)
+        self.sdpa = 0
+        self.sdpa_calls = 0
+        self.at_denoiser_end: tuple[int, int] | None = None  # (dense, sdpa) when the denoiser call returned
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value")
+            q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+            self.sdpa += sdpa_flops(q, k, v)
+            self.sdpa_calls += 1
+            if self.shapes_only is not None:
+                rows = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+                device = next((x.device for x in (q, k, v) if not x.is_meta), torch.device("cpu"))
+                return torch.zeros(*rows, q.shape[-2], v.shape[-1], dtype=q.dtype, device=device)
+            with _disable_current_modes():  # FlopCounterMode paused: the rule above is the call's count
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def start(self) -> None:
+        if self.shapes_only is not None:  # outermost: FlopCounterMode sees (and counts) each op before it
+            self.shapes_only.__enter__()
+        self.dense.__enter__()
+        self.__enter__()
+
+    def stop(self) -> None:
+        self.__exit__(None, None, None)
+        self.dense.__exit__(None, None, None)
+        if self.shapes_only is not None:
+            self.shapes_only.__exit__(None, None, None)
+
+    def mark_denoiser_end(self) -> None:
+        if self.at_denoiser_end is None:
+            self.at_denoiser_end = (self.dense.get_total_flops(), self.sdpa)
+
+    def result(self) -> dict:
+        dense, sdpa = self.dense.get_total_flops(), self.sdpa
+        unet_dense, unet_sdpa = self.at_denoiser_end
+        return {
+            "total": dense + sdpa,
+            "sdpa": sdpa,
+            "dense": dense,
+            "denoiser": unet_dense + unet_sdpa,
+            "after_denoiser": dense + sdpa - unet_dense - unet_sdpa,
+            "sdpa_calls": self.sdpa_calls,
+        }
+
+
+class _StepCounted(Exception):
+    """Raised at the scheduler step to end the call once the counted step is complete."""
+
+
+def count_step(pipe, height: int, width: int, batch: int, **call_kwargs) -> dict:
+    """FLOPs of the first denoising step of `pipe(...)` (denoiser call on 2B, segmentation, rate, combine)."""
+    denoiser = pipe.denoiser if hasattr(pipe, "denoiser") else pipe.unet  # older trees: no `denoiser`
+    counter = StepCounter(shapes_only=denoiser.device.type == "meta")
+    state = {"running": False}
+
+    def on_denoiser_start(module, args):
+        if not state["running"] and counter.at_denoiser_end is None:
+            state["running"] = True
+            counter.start()
+
+    def on_denoiser_end(module, args, output):
+        counter.mark_denoiser_end()
+
+    def scheduler_step(*args, **kwargs):
+        counter.stop()
+        state["running"] = False
+        raise _StepCounted
+
+    hooks = [denoiser.register_forward_pre_hook(on_denoiser_start), denoiser.register_forward_hook(on_denoiser_end)]
+    pipe.scheduler.step = scheduler_step  # instance attribute: shadows the method for this call only
+    try:
+        pipe(
+            [PROMPT] * batch,
+            height=height,
+            width=width,
+            num_inference_steps=1,
+            guidance_scale=7.5,
+            output_type="latent",
+            **call_kwargs,
+        )
+    except _StepCounted:
+        pass
+    else:
+        raise RuntimeError("the pipeline call ended without a scheduler step: no denoising step was counted")
+    finally:
+        del pipe.scheduler.step
+        for hook in hooks:
+            hook.remove()
+        if state["running"]:
+            counter.stop()
+    return counter.result()
+
+
+def method_kwargs(name: str) -> dict:
+    """Pipeline keyword arguments of a method: goca_scfg.vocab's where it exists, else the defaults of the named
+    segmentor (trees older than the vocabulary module: the same defaults)."""
+    try:
+        from goca_scfg.vocab import get_method
+    except ImportError:
+        return {"segmentor": {"cfg": None}.get(name, name)}
+    return get_method(name).pipeline_kwargs()
+
+
+def build_pipeline(arch: str, mode: str = "shapes", tiny: bool = False):
+    """A random-weight pipeline of the architecture's real sizes (or the tiny one) on the CPU; in "shapes" mode
+    its denoiser is on the meta device (never materialised) and its scheduler is DDIM (see the module docstring)."""
+    import goca_scfg.testing as testing
+
+    if arch == "sdxl":
+        from goca_scfg import StableDiffusionXLSCFGPipeline as cls
+
+        build = testing.tiny_xl_components if tiny else testing.sdxl_random_components
+    else:
+        from goca_scfg import StableDiffusionSCFGPipeline as cls
+
+        build = testing.tiny_components if tiny else testing.sd15_random_components
+    if mode == "real":
+        pipe = cls(**build())
+    else:
+        with torch.device("meta"):
+            components = build(scheduler="ddim")  # every module on meta; all but the denoiser rebuilt on the CPU
+        torch.manual_seed(0)
+        for name, module in components.items():
+            if isinstance(module, torch.nn.Module) and name != "unet":
+                components[name] = (
+                    type(module).from_config(module.config)
+                    if hasattr(module, "from_config")
+                    else type(module)(module.config)
+                ).eval()
+        components["scheduler"] = testing.make_scheduler("ddim")
+        pipe = cls(**components)
+        set_timesteps = pipe.scheduler.set_timesteps  # timesteps stay CPU values (the loop reads int(t))
+        pipe.scheduler.set_timesteps = lambda steps, device=None, **kwargs: set_timesteps(steps, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def count_table(pipe, cases: list[tuple[int, int, int]], methods: list[str]) -> list[dict]:
+    """One row per (height, width, batch) case and method: the step's FLOPs and their ratios to plain CFG (the
+    first method)."""
+    rows = []
+    for height, width, batch in cases:
+        base = None
+        for method in methods:
+            start = time.perf_counter()
+            flops = count_step(pipe, height, width, batch, **method_kwargs(method))
+            base = base or flops
+            row = {"size": f"{height}x{width}", "batch": batch, "method": method, **flops}
+            row["total_ratio"] = flops["total"] / base["total"]
+            row["sdpa_ratio"] = flops["sdpa"] / base["sdpa"] if base["sdpa"] else None
+            row["seconds"] = time.perf_counter() - start
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    unit, scale = ("TFLOP", 1e12) if row["total"] >= 1e11 else ("GFLOP", 1e9)
+    sdpa_ratio = f"{row['sdpa_ratio']:.3f}x" if row["sdpa_ratio"] else "-"
+    return (
+        f"{row['size']:>10} b{row['batch']} {row['method']:>10}  total {row['total'] / scale:8.3f} {unit} "
+        f"({row['total_ratio']:.3f}x)  SDPA {row['sdpa'] / scale:7.3f} ({sdpa_ratio}, {row['sdpa_calls']} calls)  "
+        f"dense {row['dense'] / scale:7.3f}  denoiser {row['denoiser'] / scale:7.3f}  "
+        f"after it {row['after_denoiser'] / scale:7.4f}  [{row['seconds']:.1f} s]"
+    )
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        h, _, w = item.strip().partition("x")
+        sizes.append((int(h), int(w or h)))
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random model of the architecture")
+    parser.add_argument("--mode", choices=("shapes", "real"), default="shapes", help="see the module docstring")
+    parser.add_argument("--sizes", default=None, help="comma list of SIZE[xW]; default 512,768,1024 (sdxl: 1024)")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (the denoiser sees twice as many)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list, plain CFG first")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    sizes = parse_sizes(args.sizes or ("1024" if args.arch == "sdxl" else "512,768,1024"))
+    methods = [m.strip() for m in args.methods.split(",")]
+    if methods[0] != "cfg":
+        parser.error(f"--methods must start with cfg (the baseline); got {methods}")
+    import goca_scfg
+
+    print(f"# FLOPs per denoising step; goca_scfg at {goca_scfg.__file__}; torch {torch.__version__}; {args}")
+    cases = [(h, w, args.batch) for h, w in sizes]
+    rows = count_table(build_pipeline(args.arch, args.mode, args.tiny), cases, methods)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
