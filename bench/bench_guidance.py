@@ -30,9 +30,22 @@ from dataclasses import dataclass
 
 import torch
 
-from goca_scfg import AttentionRecord, StableDiffusionSCFGPipeline, StableDiffusionXLSCFGPipeline, capture_attention
+from goca_scfg import (
+    AttentionRecord,
+    PixArtSigmaSCFGPipeline,
+    StableDiffusionSCFGPipeline,
+    StableDiffusionXLSCFGPipeline,
+    capture_attention,
+)
 from goca_scfg.loading import load_pipeline, swap_scheduler
-from goca_scfg.testing import sd15_random_components, sdxl_random_components, tiny_components, tiny_xl_components
+from goca_scfg.testing import (
+    pixart_sigma_random_components,
+    sd15_random_components,
+    sdxl_random_components,
+    tiny_components,
+    tiny_pixart_components,
+    tiny_xl_components,
+)
 from goca_scfg.vocab import BASELINE, DTYPE_NAMES, METHOD_NAMES, SCHEDULER_NAMES, get_method, torch_dtype
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ is no package: its sibling step_flops
@@ -43,7 +56,19 @@ DEFAULT_METHODS = (BASELINE, "scfg", "goca", "goca-fast")
 ARCHS = {
     "sd15": (StableDiffusionSCFGPipeline, sd15_random_components, tiny_components, "512b1,512b8,1024b1"),
     "sdxl": (StableDiffusionXLSCFGPipeline, sdxl_random_components, tiny_xl_components, "1024b1"),
+    # PixArt-Sigma-XL-2's transformer (the 512-MS config; other sizes by position-embedding interpolation, no
+    # resolution binning, so the case size is what is measured) with SDXL's VAE and a one-layer full-width T5
+    "pixart-sigma": (
+        PixArtSigmaSCFGPipeline,
+        pixart_sigma_random_components,
+        tiny_pixart_components,
+        "512b1,512b8,1024b1",
+    ),
 }
+# what each arch can run: S-CFG has no DiT segmentation, and PixArt's pipeline has no step-end callback (which the
+# profile's record size, the label agreement and the FLOP count ride on)
+ARCH_METHODS = {"pixart-sigma": (BASELINE, "goca", "goca-fast")}
+NO_CALLBACK_ARCHS = {"pixart-sigma"}
 PROMPT = "a photograph of an astronaut riding a horse on the beach"
 
 
@@ -87,6 +112,7 @@ def _generate(pipe, case: Case, steps: int, **kwargs) -> None:
         guidance_scale=7.5,
         generator=[torch.Generator().manual_seed(i) for i in range(case.batch)],
         output_type="latent",
+        **({"use_resolution_binning": False} if isinstance(pipe, PixArtSigmaSCFGPipeline) else {}),
         **kwargs,
     )
 
@@ -275,6 +301,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats = min(args.repeats, 2)
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.arch in ARCH_METHODS and args.methods == parser.get_default("methods"):
+        args.methods = ",".join(ARCH_METHODS[args.arch])
+    if args.arch in NO_CALLBACK_ARCHS and (args.profile or args.agreement or args.flops):
+        parser.error(f"--arch {args.arch}: --profile, --agreement and --flops need a step-end callback it lacks")
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = set(methods) - set(METHOD_NAMES)
     if unknown or methods[0] != BASELINE:

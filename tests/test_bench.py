@@ -62,6 +62,15 @@ def test_bench_tiny_sdxl_smoke(bench):
     assert results["profile"]["goca"]["record_mib"] > 0
 
 
+def test_bench_tiny_pixart_smoke(bench):
+    argv = ["--arch", "pixart-sigma", "--tiny", "--cases", "64b1", "--repeats", "1", "--steps", "1"]
+    results = bench.main([*argv, "--warmup-steps", "0"])
+    assert [r["method"] for r in results["rows"]] == ["cfg", "goca", "goca-fast"]  # no S-CFG on a DiT
+    assert all(r["s_per_img"] > 0 and r["time_ratio"] > 0 for r in results["rows"])
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--profile"])  # PixArt's pipeline has no step-end callback to measure the record with
+
+
 def test_sdpa_rule_is_the_math_paths_count(step_flops):
     """The explicit rule equals what FlopCounterMode counts where SDPA runs as explicit matmuls (the math path)."""
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 16)  # d_v != d_qk: math path
