@@ -45,6 +45,12 @@ def content_token_mask(caption: Tensor, stop: Tensor) -> Tensor:
     return torch.where(empty, caption, content)
 
 
+def live_ends(live: Tensor) -> Tensor:
+    """(B,) one past each row's last live position: later channels are zero in every mask (exact pruning, §2.7)."""
+    pos = torch.arange(live.shape[1], device=live.device)
+    return (pos * live).amax(dim=1) + 1
+
+
 def live_token_mask(caption: Tensor) -> Tensor:
     """Positions that compete in the GoCA argmax: `<sos>` plus the caption (pads t >= n+1 are out, §2.7)."""
     live = caption.clone()
@@ -73,11 +79,6 @@ class PromptTokens:
     def content(self) -> Tensor:
         """The caption minus stop words (paper Eq. 11), all of the caption where that would leave nothing."""
         return content_token_mask(self.caption, self.stop)
-
-    def max_live(self) -> int:
-        """One past the last live position of the batch: later channels are zero in every mask (exact pruning)."""
-        pos = torch.arange(self.live.shape[1], device=self.live.device)
-        return int((pos * self.live).amax()) + 1
 
 
 def clip_prompt_tokens(tokenizer, prompts: list[str], num_images_per_prompt: int = 1) -> PromptTokens:

@@ -6,7 +6,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from goca_scfg.ops import gaussian_taps, grid_shape, minmax_per_token, smooth
 from goca_scfg.testing import clip_tokenizer
-from goca_scfg.tokens import caption_token_mask, clip_prompt_tokens, content_token_mask, live_token_mask
+from goca_scfg.tokens import caption_token_mask, clip_prompt_tokens, content_token_mask, live_ends, live_token_mask
 
 
 def test_five_tap_blur_matches_torchvision():
@@ -68,4 +68,4 @@ def test_token_classes_from_real_tokenizer():
     classes = clip_prompt_tokens(tok, prompts[:1], num_images_per_prompt=2)  # the pipeline's builder agrees
     assert torch.equal(classes.caption, caption[:1].repeat(2, 1)) and torch.equal(classes.live, live[:1].repeat(2, 1))
     assert tok.convert_ids_to_tokens(classes.ids[0][classes.content()[0]].tolist()) == words
-    assert classes.max_live() == n0 + 1 and classes.global_index.tolist() == [0, 0]
+    assert live_ends(classes.live).tolist() == [n0 + 1] * 2 and classes.global_index.tolist() == [0, 0]

@@ -34,6 +34,7 @@ from ..ops import (
     split_heads,
     to_grid,
 )
+from ..tokens import live_ends
 from .base import CapturePlan, SegmentationContext, Segmentor
 
 _CHUNK_ELEMENTS = 2**25  # fp32 elements (128 MiB) per temporary in the chunked similarity
@@ -417,10 +418,10 @@ def goca_segment(
     taps = gaussian_taps(config.blur_kernel, config.blur_sigma)
     t = agg.shape[1]
     g_neg, g_pos = split_cfg(agg)
-    positions = torch.arange(t, device=live_tokens.device)
+    ends = live_ends(live_tokens).tolist()
     masks, fgs = [], []
     for i in range(g_pos.shape[0]):
-        n = int((positions * live_tokens[i]).amax()) + 1
+        n = ends[i]
         pos = g_pos[i : i + 1, :n]
         if config.rescale == "sum1":
             pos = rescale_sum_one(pos, rescale_tokens[i : i + 1, :n], config.eps)
