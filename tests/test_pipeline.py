@@ -5,7 +5,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from goca_scfg import GoCAConfig, SCFGConfig, StableDiffusionSCFGPipeline
-from goca_scfg.testing import tiny_pipeline
+from goca_scfg.testing import sharpened, tiny_pipeline
 
 PROMPTS = ["a red dog on a green sofa", "two cats, sleeping."]
 
@@ -81,19 +81,32 @@ def test_segmentor_changes_image_and_returns_maps(tiny_components_factory, segme
 def test_batch_equals_single_calls(tiny_components_factory, segmentor):
     """§6.22: B prompts in one call give the images of B separate calls with the same per-image generators.
 
-    The UNet itself differs by ~1e-5 between batch sizes (BLAS blocking). The tiny random model's GoCA maps are
-    nearly flat, so min–max turns that into rare near-tie flips: first-step labels and foregrounds must agree on
-    >= 98 % of pixels (3 of 256 flip here), and images closely. Given the same maps, the GoCA maths is exactly
-    per sample (test_segment_goca.py::test_batch_independence_exact).
+    Up to rounding: the UNet differs by ~1e-5 between batch sizes (BLAS blocking, and on some CPUs buffer
+    alignment), so this runs on the sharpened model, whose labels such rounding does not flip: every step's labels
+    and foregrounds agree on >= 99 % of pixels, images within 1e-3 (segmenting or not differs by > 1e-2). Exact
+    sample independence: test_sample_independent_of_its_batch_partner.
     """
-    pipe = _pipe(tiny_components_factory())
+    pipe = _pipe(sharpened(tiny_components_factory()))
     batch = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **_kwargs())
-    atol = 1e-4 if segmentor == "scfg" else 2e-2
     for i, prompt in enumerate(PROMPTS):
         single = pipe(prompt, generator=_gens(1, base=i), segmentor=segmentor, return_maps=True, **_kwargs())
-        torch.testing.assert_close(batch.images[i], single.images[0], atol=atol, rtol=0)
-        assert (batch.maps[0].labels[i] == single.maps[0].labels[0]).float().mean() >= 0.98
-        assert (batch.maps[0].foreground[i] == single.maps[0].foreground[0]).float().mean() >= 0.98
+        torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-3, rtol=0)
+        for b, s in zip(batch.maps, single.maps):
+            assert (b.labels[i] == s.labels[0]).float().mean() >= 0.99
+            assert (b.foreground[i] == s.foreground[0]).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("segmentor", [None, "scfg", "goca"])
+def test_sample_independent_of_its_batch_partner(tiny_components_factory, segmentor):
+    """Image 0 of the batch [P, Q1] equals image 0 of [P, Q2] bit for bit: one instance, the same shapes, so the
+    same arithmetic; nothing of image 1 (prompt, noise, maps) may reach image 0."""
+    pipe = _pipe(tiny_components_factory())
+    kw = dict(segmentor=segmentor, return_maps=segmentor is not None, **_kwargs(output_type="latent"))
+    a = pipe(PROMPTS, generator=_gens(2), **kw)
+    b = pipe([PROMPTS[0], "a lighthouse at night"], generator=[*_gens(1), *_gens(1, base=7)], **kw)
+    assert torch.equal(a.images[0], b.images[0]) and not torch.equal(a.images[1], b.images[1])
+    for x, y in zip(a.maps or [], b.maps or []):
+        assert torch.equal(x.labels[0], y.labels[0]) and torch.equal(x.rate[0], y.rate[0])
 
 
 def test_num_images_per_prompt_and_negative_prompt(tiny_components_factory):
@@ -199,17 +212,22 @@ def test_long_prompt_is_truncated_with_warning(tiny_components_factory, caplog):
 
 
 def test_from_pipe_and_save_pretrained_roundtrip(tiny_components_factory, tmp_path):
-    sd = StableDiffusionPipeline(**tiny_components_factory())
+    """`from_pipe` shares the components (exact); a saved and reloaded copy has equal weights in other buffers, so
+    it generates the same up to rounding (sharpened model: maps that rounding does not flip)."""
+    sd = StableDiffusionPipeline(**sharpened(tiny_components_factory()))
     sd.set_progress_bar_config(disable=True)
     pipe = StableDiffusionSCFGPipeline.from_pipe(sd)
     assert isinstance(pipe, StableDiffusionSCFGPipeline) and pipe.unet is sd.unet
     pipe.set_progress_bar_config(disable=True)
-    a = pipe(PROMPTS[0], generator=_gens(1), segmentor="scfg", **_kwargs()).images
+    kw = dict(segmentor="scfg", return_maps=True, **_kwargs())
+    a = pipe(PROMPTS[0], generator=_gens(1), **kw)
     pipe.save_pretrained(tmp_path)
     loaded = StableDiffusionSCFGPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    b = loaded(PROMPTS[0], generator=_gens(1), segmentor="scfg", **_kwargs()).images
-    assert torch.equal(torch.from_numpy(a), torch.from_numpy(b))
+    assert all(torch.equal(p, loaded.unet.state_dict()[k]) for k, p in pipe.unet.state_dict().items())
+    b = loaded(PROMPTS[0], generator=_gens(1), **kw)
+    torch.testing.assert_close(b.images, a.images, atol=1e-3, rtol=0)  # np images in [0, 1]
+    assert all((x.labels == y.labels).float().mean() >= 0.99 for x, y in zip(a.maps, b.maps))
     # the saved folder is a stock diffusers pipeline: DiffusionPipeline opens it without our package's help
     from diffusers import DiffusionPipeline
 
@@ -343,7 +361,7 @@ def test_goca_self_layer_reduction_changes_nothing(tiny_components_factory):
 @pytest.mark.parametrize("segmentor", ["scfg", "goca"])
 def test_fused_qkv_projections(tiny_components_factory, segmentor):
     """`fuse_qkv_projections()` (to_qkv / to_kv) and unfusing again both keep segmentation working."""
-    pipe = _pipe(tiny_components_factory())
+    pipe = _pipe(sharpened(tiny_components_factory()))  # fused vs unfused: labels compared across rounding
     kw = _kwargs(output_type="latent")
     plain = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **kw)
     pipe.fuse_qkv_projections()
@@ -351,8 +369,9 @@ def test_fused_qkv_projections(tiny_components_factory, segmentor):
     pipe.unfuse_qkv_projections()
     unfused = pipe(PROMPTS, generator=_gens(2), segmentor=segmentor, return_maps=True, **kw)
     assert torch.equal(plain.images, unfused.images)
-    torch.testing.assert_close(fused.images, plain.images, atol=1e-5, rtol=0)  # one fused matmul may round differently
-    assert torch.equal(fused.maps[0].labels, plain.maps[0].labels)
+    # one fused matmul rounds differently (~1e-7); on the sharpened model the maps keep, so the latents stay close
+    torch.testing.assert_close(fused.images, plain.images, atol=1e-4, rtol=0)
+    assert all((f.labels == p.labels).float().mean() >= 0.99 for f, p in zip(fused.maps, plain.maps))
 
 
 @pytest.mark.parametrize("segmentor", ["scfg", "goca"])

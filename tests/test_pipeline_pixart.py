@@ -7,7 +7,7 @@ from diffusers import PixArtSigmaPipeline
 from goca_scfg import GoCAConfig, PixArtSigmaSCFGPipeline
 from goca_scfg.capture import capture_attention
 from goca_scfg.loading import load_pipeline, swap_scheduler
-from goca_scfg.testing import tiny_pixart_components
+from goca_scfg.testing import sharpened, tiny_pixart_components
 
 PROMPTS = ["a red dog on a green sofa", "two cats, sleeping."]
 
@@ -91,19 +91,34 @@ def test_guide_sees_all_eight_channels(components):
     assert torch.equal(got, expected)
 
 
-def test_batch_equals_single_calls(components):
-    """Per-sample exactness: B prompts in one call give B separate calls' maps and images, up to the transformer's
-    own batch-size rounding. One step: after it the random tiny model's latents are in the hundreds and its maps at
-    the next step are near-flat, where min–max turns 1e-4 input differences into label flips. Exact per-sample
-    independence of the PixArt maths is tested on fixed tensors in test_segment_goca_pixart.py."""
-    pipe = _pipe(components)
-    kw = _kwargs(num_inference_steps=1)
+def test_batch_equals_single_calls():
+    """B prompts in one call give B separate calls' maps and images, up to the transformer's own batch-size rounding
+    (BLAS blocking, and on some CPUs buffer alignment). On the default-initialised model GoCA's min-max turns that
+    rounding into label flips at most pixels, so this runs on the sharpened one (DDIM: DPM-Solver++ from t=999
+    puts the random model's latents in the hundreds): every step's labels and foregrounds agree on >= 99 % of
+    pixels and the latents (|x| ~ 50) within 1e-2. Exact sample independence:
+    test_sample_independent_of_its_batch_partner; of the PixArt maths on fixed tensors: test_segment_goca_pixart.py.
+    """
+    pipe = _pipe(sharpened(tiny_pixart_components()), scheduler="ddim")
+    kw = _kwargs(num_inference_steps=2)
     batch = pipe(PROMPTS, generator=_gens(2), segmentor="goca", return_maps=True, **kw)
     for i, prompt in enumerate(PROMPTS):
         single = pipe(prompt, generator=_gens(1, base=i), segmentor="goca", return_maps=True, **kw)
-        torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-3, rtol=0)
-        assert (batch.maps[0].labels[i] == single.maps[0].labels[0]).float().mean() >= 0.99
-        assert (batch.maps[0].foreground[i] == single.maps[0].foreground[0]).float().mean() >= 0.99
+        torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-2, rtol=0)
+        for b, s in zip(batch.maps, single.maps):
+            assert (b.labels[i] == s.labels[0]).float().mean() >= 0.99
+            assert (b.foreground[i] == s.foreground[0]).float().mean() >= 0.99
+
+
+def test_sample_independent_of_its_batch_partner(components):
+    """Image 0 of [P, Q1] equals image 0 of [P, Q2] bit for bit (one instance, the same shapes): nothing of the
+    other image reaches it, also through the T5 attention mask or the maps."""
+    pipe = _pipe(components)
+    kw = _kwargs(segmentor="goca", return_maps=True)
+    a = pipe(PROMPTS, generator=_gens(2), **kw)
+    b = pipe([PROMPTS[0], "a lighthouse at night by the sea"], generator=[*_gens(1), *_gens(1, base=7)], **kw)
+    assert torch.equal(a.images[0], b.images[0]) and not torch.equal(a.images[1], b.images[1])
+    assert all(torch.equal(x.labels[0], y.labels[0]) and torch.equal(x.rate[0], y.rate[0]) for x, y in zip(a.maps, b.maps))
 
 
 def test_fp16_goca_is_finite():
