@@ -7,6 +7,8 @@ from goca_scfg.capture import capture_attention
 from goca_scfg.layout import ModelLayout
 from goca_scfg.segment.goca import default_dense_block, default_self_blocks
 
+pytestmark = pytest.mark.rounding  # compares runs: .ci/run's portability job runs it again
+
 
 @pytest.fixture()
 def unet(tiny_components_factory):

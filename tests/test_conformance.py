@@ -56,6 +56,8 @@ from goca_scfg.testing import (
     tiny_pixart_components,
 )
 
+pytestmark = pytest.mark.rounding  # compares runs: .ci/run's portability job runs it again
+
 SEGMENTORS = [None, "goca", "scfg"]
 PROMPT = "a watercolour fox reading a newspaper"
 PROMPTS = [PROMPT, "two red apples on a wooden table", "a lighthouse at night"]
@@ -378,19 +380,19 @@ class Harness:
 
 
 def assert_same_guidance(a, b, segmentor) -> None:
-    """Two runs that differ only by rounding in the denoiser (~1e-6: batch size, slicing, fused projections).
+    """Two runs that differ only by rounding in the denoiser (~1e-6: batch size, slicing, fused projections, another
+    attention processor, a reloaded copy of the weights; on some CPUs MKL also rounds by buffer alignment).
 
-    Plain CFG keeps that size (1e-4, diffusers' bound). The random dummy models' attention maps have near-ties, so a
-    segmented run may flip a map pixel now and then (seen: one foreground pixel of 64 moving a rate by 0.04, 2e-2 on
-    the latents); it must keep >= 95 % of every step's labels and foreground and the latents within 5e-2, while
-    segmenting or not differs by 0.15-0.6 on these latents.
+    Plain CFG keeps that size (1e-4, diffusers' bound). The dummy models' attention is sharpened, so rounding does
+    not flip their maps: every step keeps >= 99 % of its labels and foreground, and the latents stay within 1e-3,
+    while segmenting or not differs by 0.15-0.6 on these latents.
     """
-    torch.testing.assert_close(a.images, b.images, atol=1e-4 if segmentor is None else 5e-2, rtol=0)
+    torch.testing.assert_close(a.images, b.images, atol=1e-4 if segmentor is None else 1e-3, rtol=0)
     if segmentor is not None:
         assert len(a.maps) == len(b.maps)
         for x, y in zip(a.maps, b.maps):
-            assert (x.labels == y.labels).float().mean() >= 0.95
-            assert (x.foreground == y.foreground).float().mean() >= 0.95
+            assert (x.labels == y.labels).float().mean() >= 0.99
+            assert (x.foreground == y.foreground).float().mean() >= 0.99
 
 
 def check_maps(pipe, maps: list[SCFGStepMaps], n_images, latent_hw, max_tokens, steps=None, has_tokens=True) -> None:

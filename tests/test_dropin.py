@@ -8,7 +8,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from goca_scfg import StableDiffusionSCFGPipeline
-from goca_scfg.testing import _TINY, _UNET_LAYOUT, tiny_components
+from goca_scfg.testing import _TINY, _UNET_LAYOUT, sharpened, tiny_components
+
+pytestmark = pytest.mark.rounding  # compares runs: .ci/run's portability job runs it again
 
 PROMPTS = ["a red dog on a green sofa", "two cats, sleeping."]
 
@@ -29,11 +31,13 @@ def _gens(n):
     return [torch.Generator().manual_seed(i) for i in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["torch.compile"])  # `unet.compile()` keeps the names: the same path, checked by hand
 def test_compiled_unet_segments_like_the_plain_one(how):
     """GoCA (the segmentor with the most hooks: q/k/o of every layer) through a compiled UNet; eager backend, so
-    the test checks dynamo tracing the capture hooks and the wrapped names, not inductor's kernels."""
-    pipe = _pipe()
+    the test checks dynamo tracing the capture hooks and the wrapped names, not inductor's kernels. Compiled and eager
+    may round differently, so the model is sharpened (labels that rounding cannot flip)."""
+    pipe = _pipe(sharpened(tiny_components()))
     kw = _kwargs(num_inference_steps=1, height=64, width=64)
     expected = pipe(PROMPTS[0], generator=_gens(1), return_maps=True, **kw)
     torch._dynamo.reset()
@@ -44,8 +48,9 @@ def test_compiled_unet_segments_like_the_plain_one(how):
     got = pipe(PROMPTS[0], generator=_gens(1), return_maps=True, **kw)
     assert len(got.maps) == len(expected.maps) >= 1
     for a, b in zip(got.maps, expected.maps):
-        assert (a.labels == b.labels).float().mean() >= 0.98
-    torch.testing.assert_close(got.images, expected.images, atol=2e-2, rtol=0)
+        assert (a.labels == b.labels).float().mean() >= 0.99
+        assert (a.foreground == b.foreground).float().mean() >= 0.99
+    torch.testing.assert_close(got.images, expected.images, atol=1e-3, rtol=0)
 
 
 def test_callback_changing_the_guidance_scale_is_applied_by_the_rate():

@@ -296,6 +296,7 @@ def _score_in_group(rank: int, world: int, rendezvous: str, run: str, reference:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_score_exactly_like_one(tmp_path, fid_setup):
     five = (*CAPTIONS, Caption(55, "a boat"))  # batches of 3: [0, 1, 2] on process 0, [3, 4] on process 1
     one, two = (_make_run(tmp_path / name, captions=five, seed=3) for name in ("one", "two"))

@@ -7,6 +7,8 @@ from diffusers import StableDiffusionPipeline
 from goca_scfg import GoCAConfig, SCFGConfig, StableDiffusionSCFGPipeline
 from goca_scfg.testing import sharpened, tiny_pipeline
 
+pytestmark = pytest.mark.rounding  # compares runs: .ci/run's portability job runs it again
+
 PROMPTS = ["a red dog on a green sofa", "two cats, sleeping."]
 
 

@@ -8,6 +8,8 @@ from goca_scfg import StableDiffusionXLSCFGPipeline
 from goca_scfg.loading import load_pipeline
 from goca_scfg.testing import sharpened, tiny_xl_components, tiny_xl_pipeline
 
+pytestmark = pytest.mark.rounding  # compares runs: .ci/run's portability job runs it again
+
 PROMPTS = ["a red dog on a green sofa", "two cats, sleeping."]
 
 

@@ -29,6 +29,8 @@ from goca_scfg.segment.goca import (
     resize_self_map,
 )
 
+pytestmark = pytest.mark.rounding  # compares runs: .ci/run's portability job runs it again
+
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
@@ -349,6 +351,7 @@ def _reference_head_mean(q, k, heads, scale):
     return acc / heads
 
 
+@pytest.mark.slow
 def test_sd15_shaped_fast_paths():
     """§6.21 at SD v1.5 shapes (8 heads; 4096/1024/256/64 tokens; dense 32×32×640): similarity and propagation."""
     g = _gen(9)
@@ -371,6 +374,7 @@ def test_sd15_shaped_fast_paths():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sdxl_shaped_fast_paths():
     """At SDXL shapes (1024 px: dense query 64²×640; 10 heads of 64 channels at 64², 20 at 32²; 70 cross layers;
     propagation blocks at 64² — 3 of SDXL's 7, to keep the naive reference affordable): the chunked similarity, the

@@ -17,6 +17,8 @@ from goca_scfg.segment.goca import (
 )
 from goca_scfg.testing import tiny_pixart_components
 
+pytestmark = pytest.mark.rounding  # compares runs: .ci/run's portability job runs it again
+
 HEADS, DIM = 2, 8
 
 
@@ -198,7 +200,11 @@ def test_other_transformers_fall_back_to_the_rules(blocks):
 @torch.no_grad()
 def test_segmentor_equals_the_chain_over_both_halves():
     """`GoCASegmentor` aggregates only the cond half for PixArt (the uncond maps are never read); it equals the pure
-    functions run on both CFG halves of a real tiny PixArt-Sigma call, with the encoder attention mask."""
+    functions run on both CFG halves of a real tiny PixArt-Sigma call, with the encoder attention mask.
+
+    Up to rounding: the chain's matmuls run at batch 4, the segmentor's at batch 2 (BLAS blocking, and on some CPUs
+    buffer alignment, differ), so the model is sharpened (labels that rounding cannot flip), soft masks within 1e-4
+    and the foreground on >= 99.9 % of pixels (2 of 2048 may flip)."""
     from goca_scfg.capture import capture_attention
     from goca_scfg.ops import grid_shape, split_cfg
     from goca_scfg.segment.goca import (
@@ -207,9 +213,10 @@ def test_segmentor_equals_the_chain_over_both_halves():
         goca_head_aggregate,
         goca_layer_weights,
     )
-    from goca_scfg.testing import tiny_pixart_pipeline
+    from goca_scfg.testing import sharpened, tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline()
+    sharpened(pipe.components)
     prompts = ["a red dog on a green sofa", "two cats, sleeping."]
     emb, mask, neg, neg_mask = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=40)
     emb, mask = torch.cat([neg, emb]), torch.cat([neg_mask, mask])
@@ -238,5 +245,7 @@ def test_segmentor_equals_the_chain_over_both_halves():
             [r.scale for r in prop], order=5,
         )  # fmt: skip
         ref_masks, ref_fg = goca_segment(agg, propagation, seg.rescale_tokens, seg.live_tokens, cfg)
-    assert torch.equal(masks, ref_masks) and torch.equal(fg, ref_fg)
     assert masks.shape == (2, 40, 32, 32)
+    torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=0)
+    assert (masks.argmax(1) == ref_masks.argmax(1)).float().mean() >= 0.999
+    assert (fg == ref_fg).float().mean() >= 0.999

@@ -14,6 +14,8 @@ from goca_scfg.segment.scfg import (
     token_region_masks,
 )
 
+pytestmark = pytest.mark.rounding  # compares runs: .ci/run's portability job runs it again
+
 
 def _stochastic(*shape, gen):
     return torch.softmax(torch.randn(*shape, generator=gen) * 3, dim=-1)
