@@ -8,59 +8,14 @@ layer name of SD v1.5 exists and attention maps exist at latent/1, /2, /4 and /8
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
-import tempfile
 from functools import lru_cache
 from typing import Any
 
 import torch
 
+from .clip_bpe import clip_tokenizer
 from .loading import swap_scheduler
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-to-unicode table (the one both open_clip and transformers use)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-@lru_cache(maxsize=1)
-def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    import open_clip
-
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    units = list(_bytes_to_unicode().values())
-    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(vocab)}, merges
-
-
-def clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """transformers `CLIPTokenizer` with SD v1.5's ids (49406 = `<|startoftext|>`, 49407 = EOS = pad), offline;
-    `pad_token="!"` gives SDXL's second tokenizer (OpenCLIP pads with id 0)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _clip_vocab_and_merges()
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
-        with open(vocab_file, "w", encoding="utf-8") as f:
-            json.dump(vocab, f)
-        with open(merges_file, "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer(vocab_file, merges_file, model_max_length=77, pad_token=pad_token)
 
 
 @torch.no_grad()
@@ -302,37 +257,23 @@ DIFFUSERS_TEST_UNET = dict(  # 2 levels, cross-attention only at latent/2
 _T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
 
 
-def _caption_lines(limit: int) -> list[str]:
-    """The first `limit` captions of the vendored COCO-30k list (eval/data), lower-cased as PixArt's pipeline does."""
-    import csv
-
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "eval", "data", "coco30k_captions.csv")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))[1 : limit + 1]
-    return [row[1].lower().strip() for row in rows]
-
-
 @lru_cache(maxsize=1)
-def _t5_unigram_vocab(size: int = 1000, captions: int = 3000) -> tuple[tuple[str, float], ...]:
-    """A SentencePiece Unigram vocabulary (pieces with `▁`, log-probabilities) trained offline on vendored captions,
-    with T5's special pieces first."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _t5_unigram_vocab() -> tuple[tuple[str, float], ...]:
+    """The offline T5 tokenizer's SentencePiece Unigram vocabulary (1000 pieces with `▁`, log-probabilities; T5's
+    special pieces first), shipped in the package (goca_scfg/data/README.md). It was trained once on the first 3000
+    COCO-30k captions (tests/test_tokens_t5.py retrains it and checks the pieces): the trainer's scores and order of
+    near-tied pieces vary from run to run, so the fixture loads a fixed copy and every process gets the same ids."""
+    from importlib.resources import files
 
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
-    )
-    trainer = trainers.UnigramTrainer(vocab_size=size, special_tokens=_T5_SPECIALS, unk_token="<unk>")
-    tok.train_from_iterator(_caption_lines(captions), trainer)
-    vocab = json.loads(tok.to_str())["model"]["vocab"]
-    if [p for p, _ in vocab[:3]] != _T5_SPECIALS or "▁" not in {p for p, _ in vocab}:
-        raise RuntimeError("the trained Unigram vocabulary lacks T5's special pieces or the bare '▁' piece")
-    return tuple((p, float(s)) for p, s in vocab)
+    vocab = json.loads((files(__package__) / "data" / "t5_unigram_vocab.json").read_text(encoding="utf-8"))
+    if [p for p, _ in vocab[:3]] != _T5_SPECIALS:
+        raise RuntimeError("the shipped Unigram vocabulary does not start with T5's special pieces")
+    return tuple((p, float(score)) for p, score in vocab)
 
 
 def t5_tokenizer():
     """transformers' `T5Tokenizer` (Unigram, `▁` metaspace, `</s>` appended, `<pad>` = 0) over a small SentencePiece
-    Unigram vocabulary trained here on the vendored captions: T5's behaviour with a 1000-piece vocabulary, offline.
+    Unigram vocabulary trained on COCO captions: T5's behaviour with a 1000-piece vocabulary, offline.
     No sentinel (`<extra_id_*>`) tokens."""
     from transformers import T5Tokenizer
 

@@ -78,3 +78,36 @@ def test_pipeline_names_regions_by_the_encoded_text():
     ids = pipe.tokenizer("a red dog", padding="max_length", max_length=10, return_tensors="pt").input_ids
     assert torch.equal(t.ids, ids.repeat(2, 1))
     assert t.strings[0][:4] == ["▁a", "▁red", "▁dog", "</s>"]
+
+
+def _train_unigram_vocab(size: int = 1000, captions: int = 3000) -> list[tuple[str, float]]:
+    """The recipe of goca_scfg/data/t5_unigram_vocab.json: a `tokenizers` Unigram trained on the first `captions`
+    COCO-30k captions, lower-cased as PixArt's pipeline does, T5's special pieces first."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "data" / "coco30k_captions.csv"
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = [row[1].lower().strip() for row in list(csv.reader(f))[1 : captions + 1]]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    tok.train_from_iterator(lines, trainers.UnigramTrainer(vocab_size=size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                           unk_token="<unk>"))  # fmt: skip
+    return [(p, float(s)) for p, s in json.loads(tok.to_str())["model"]["vocab"]]
+
+
+def test_shipped_vocabulary_is_the_trained_one():
+    """The shipped vocabulary has the pieces a fresh training gives (their order among near-ties and the last digits
+    of their scores vary between trainings, which is why a fixed copy is shipped), `▁` among them."""
+    from goca_scfg.testing import _t5_unigram_vocab
+
+    shipped, trained = _t5_unigram_vocab(), _train_unigram_vocab()
+    assert [p for p, _ in shipped[:3]] == ["<pad>", "</s>", "<unk>"] and len(shipped) == 1000
+    assert {p for p, _ in shipped} == {p for p, _ in trained} and "▁" in {p for p, _ in shipped}
+    scores = dict(trained)
+    assert max(abs(s - scores[p]) for p, s in shipped) < 1e-3
