@@ -17,6 +17,7 @@ _PUBLIC = {
     "SCFGStepMaps": ".guidance",
     "SCFGStepRates": ".guidance",
     "SpatialGuidance": ".guidance",
+    "SCFGGuidance": ".guider",
     "AttentionLayer": ".layout",
     "ModelLayout": ".layout",
     "PixArtSigmaSCFGPipeline": ".pipeline_pixart",
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .capture import AttentionRecord, capture_attention
     from .config import GoCAConfig, SCFGConfig
     from .guidance import SCFGStepMaps, SCFGStepRates, SpatialGuidance
+    from .guider import SCFGGuidance
     from .layout import AttentionLayer, ModelLayout
     from .pipeline import StableDiffusionSCFGPipeline, StableDiffusionSCFGPipelineOutput
     from .pipeline_pixart import PixArtSigmaSCFGPipeline, PixArtSigmaSCFGPipelineOutput
@@ -52,6 +54,7 @@ __all__ = [
     "PixArtSigmaSCFGPipeline",
     "PixArtSigmaSCFGPipelineOutput",
     "SCFGConfig",
+    "SCFGGuidance",
     "SCFGSegmentor",
     "SCFGStepMaps",
     "SCFGStepRates",

@@ -49,9 +49,14 @@ class LayerTensors:
 
 @dataclass
 class AttentionRecord:
-    """Per-layer tensors of the latest UNet call, keyed by qualified module name; `clear()` frees them."""
+    """Per-layer tensors of the latest UNet call, keyed by qualified module name; `clear()` frees them.
+
+    enabled: while False the hooks record nothing (a step-end callback switched CFG off: the denoiser then runs on
+    one half only, which the segmentor's reducers cannot read).
+    """
 
     layers: dict[str, LayerTensors] = field(default_factory=dict)
+    enabled: bool = True
 
     def __getitem__(self, name: str) -> LayerTensors:
         if name not in self.layers:
@@ -113,7 +118,7 @@ def capture_attention(
                 raise ValueError(f"unknown capture fields {set(wanted) - {'q', 'k', 'o'}} for {name!r}")
             slot = LayerTensors(heads=attn.heads, scale=float(attn.scale))
             record.layers[name] = slot
-            handles += _install(attn, slot, set(wanted), reducers.get(name))
+            handles += _install(attn, slot, set(wanted), reducers.get(name), record)
         yield record
     finally:
         for h in handles:
@@ -131,11 +136,15 @@ def _maybe_reduce(slot: LayerTensors, wanted: set[str], reducer: Reduce | None) 
         setattr(slot, f, None)
 
 
-def _install(attn: nn.Module, slot: LayerTensors, wanted: set[str], reducer: Reduce | None = None) -> list:
+def _install(
+    attn: nn.Module, slot: LayerTensors, wanted: set[str], reducer: Reduce | None, record: AttentionRecord
+) -> list:
     handles = []
 
     def keep(attr: str):
         def hook(_module, _inputs, output):
+            if not record.enabled:
+                return
             setattr(slot, attr, output)
             _maybe_reduce(slot, wanted, reducer)
 
@@ -143,6 +152,8 @@ def _install(attn: nn.Module, slot: LayerTensors, wanted: set[str], reducer: Red
 
     def keep_fused(kind: str):
         def hook(_module, _inputs, output):
+            if not record.enabled:
+                return
             q, k = _fused_split(output, kind)
             if q is not None and "q" in wanted:
                 slot.q = q
@@ -153,6 +164,8 @@ def _install(attn: nn.Module, slot: LayerTensors, wanted: set[str], reducer: Red
         return hook
 
     def keep_out_input(module, inputs):
+        if not record.enabled:
+            return
         slot.w_out = module.weight
         slot.o = inputs[0]
         _maybe_reduce(slot, wanted, reducer)

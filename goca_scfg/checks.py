@@ -65,14 +65,22 @@ def check_names(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def check_call_inputs(num_inference_steps: object, guidance_scale: object, height: object, width: object) -> None:
+def check_call_inputs(
+    num_inference_steps: object,
+    guidance_scale: object,
+    height: object,
+    width: object,
+    custom_schedule: bool = False,
+) -> None:
     """Refuse, before any work, the pipeline-call inputs diffusers would turn into noise, NaNs or a hang.
 
-    steps: an int >= 1; guidance_scale: a finite number; height/width: None (the model's native size) or an int > 0.
+    steps: an int >= 1, or None when `custom_schedule` (explicit `timesteps`/`sigmas` set the count, as in diffusers);
+    guidance_scale: a finite number; height/width: None (the model's native size) or an int > 0.
     Raises ValueError naming the argument.
     """
     try:
-        check_int("num_inference_steps", num_inference_steps, minimum=1)
+        if num_inference_steps is not None or not custom_schedule:
+            check_int("num_inference_steps", num_inference_steps, minimum=1)
         check_float("guidance_scale", guidance_scale)
         for name, value in (("height", height), ("width", width)):
             if value is not None:

@@ -59,6 +59,8 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
         scfg_config (`SCFGConfig`, *optional*): rate clamp, cap, smoothing and the S-CFG segmentation settings.
         goca_config (`GoCAConfig`, *optional*): GoCA settings (`GoCAConfig.vanilla()` for the Table-2 baseline).
         return_maps (`bool`, defaults to `False`): add `maps`, one `SCFGStepMaps` per denoising step, to the output.
+        caption (`str` or `list[str]`, *optional*): with `prompt_embeds` and no `prompt`, the text the embeddings encode
+            (one per prompt row): its tokens name the regions, as the prompt's would.
 
     Example:
         >>> import torch
@@ -99,6 +101,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
         scfg_config: SCFGConfig | None = None,  # [S-CFG]
         goca_config: GoCAConfig | None = None,  # [S-CFG]
         return_maps: bool = False,  # [S-CFG]
+        caption: str | list[str] | None = None,  # [S-CFG]
         **kwargs,
     ) -> StableDiffusionSCFGPipelineOutput | tuple:  # [S-CFG]
         r"""
@@ -112,6 +115,8 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             scfg_config (`SCFGConfig`, *optional*): rate clamp, cap, smoothing and the S-CFG segmentation settings.
             goca_config (`GoCAConfig`, *optional*): GoCA settings (`GoCAConfig.vanilla()` for the Table-2 baseline).
             return_maps (`bool`, defaults to `False`): add `maps`, one `SCFGStepMaps` per denoising step.
+            caption (`str` or `list[str]`, *optional*): with `prompt_embeds` and no `prompt`, the text the embeddings
+                encode (one per prompt row): its tokens name the regions, as the prompt's would.
         """
 
         callback = kwargs.pop("callback", None)
@@ -163,8 +168,15 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs,
         )
-        check_call_inputs(num_inference_steps, guidance_scale, height, width)  # [S-CFG] (diffusers lets these pass)
+        check_call_inputs(  # [S-CFG] (diffusers lets these pass)
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            timesteps is not None or sigmas is not None,  # [S-CFG]
+        )  # [S-CFG]
         segmentor = self.prepare_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG] checked before any work
+        regions = self.region_text(segmentor, prompt, caption, prompt_embeds)  # [S-CFG] who names the regions
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -259,7 +271,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
         # [S-CFG] 6.3 Plan the segmentation (only when CFG is on) and record the needed attention layers
         guide = self.start_spatial_guidance(
             segmentor,
-            prompt=prompt,
+            prompt=regions,
             height=height,
             width=width,
             num_images_per_prompt=num_images_per_prompt,
@@ -274,6 +286,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
                 if self.interrupt:
                     continue
 
+                self.follow_guidance_scale(guide, record)  # [S-CFG] a callback may switch CFG off (or break it)
                 # expand the latents if we are doing classifier free guidance
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 if hasattr(self.scheduler, "scale_model_input"):

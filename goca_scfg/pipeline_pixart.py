@@ -61,6 +61,8 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
         scfg_config (`SCFGConfig`, *optional*): rate clamp, cap and smoothing.
         goca_config (`GoCAConfig`, *optional*): GoCA settings (`GoCAConfig.vanilla()`: the authors' vanilla config).
         return_maps (`bool`, defaults to `False`): add `maps`, one `SCFGStepMaps` per denoising step, to the output.
+        caption (`str` or `list[str]`, *optional*): with `prompt_embeds` and no `prompt`, the text the embeddings encode
+            (one per prompt row): its T5 tokens name the regions, as the prompt's would.
 
     Regions are named by the T5 tokens of the text the encoder sees (after `clean_caption`, truncated at
     `max_sequence_length`). Example:
@@ -126,6 +128,7 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
         scfg_config: SCFGConfig | None = None,  # [S-CFG]
         goca_config: GoCAConfig | None = None,  # [S-CFG]
         return_maps: bool = False,  # [S-CFG]
+        caption: str | list[str] | None = None,  # [S-CFG]
         **kwargs,
     ) -> PixArtSigmaSCFGPipelineOutput | tuple:  # [S-CFG]
         if kwargs:  # [S-CFG] diffusers ignores unknown keywords; a misspelt S-CFG argument must not pass silently
@@ -159,8 +162,15 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
             prompt_attention_mask,
             negative_prompt_attention_mask,
         )
-        check_call_inputs(num_inference_steps, guidance_scale, height, width)  # [S-CFG] (diffusers lets these pass)
+        check_call_inputs(  # [S-CFG] (diffusers lets these pass)
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            timesteps is not None or sigmas is not None,  # [S-CFG]
+        )  # [S-CFG]
         segmentor = self.prepare_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG] checked before any work
+        regions = self.region_text(segmentor, prompt, caption, prompt_embeds)  # [S-CFG] who names the regions
         self._guidance_scale = guidance_scale  # [S-CFG]
 
         # 2. Default height and width to transformer
@@ -232,7 +242,7 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
         # [S-CFG] 6.2 Plan the segmentation (only when CFG is on) and record the needed attention layers
         guide = self.start_spatial_guidance(
             segmentor,
-            prompt=prompt,
+            prompt=regions,
             height=height,
             width=width,
             num_images_per_prompt=num_images_per_prompt,

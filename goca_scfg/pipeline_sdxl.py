@@ -111,6 +111,7 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
         scfg_config: SCFGConfig | None = None,  # [S-CFG]
         goca_config: GoCAConfig | None = None,  # [S-CFG]
         return_maps: bool = False,  # [S-CFG]
+        caption: str | list[str] | None = None,  # [S-CFG]
         **kwargs,
     ) -> StableDiffusionXLSCFGPipelineOutput | tuple:  # [S-CFG]
         r"""
@@ -124,6 +125,8 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
             scfg_config (`SCFGConfig`, *optional*): rate clamp, cap, smoothing and the S-CFG segmentation settings.
             goca_config (`GoCAConfig`, *optional*): GoCA settings (`GoCAConfig.vanilla()` for the Table-2 baseline).
             return_maps (`bool`, defaults to `False`): add `maps`, one `SCFGStepMaps` per denoising step.
+            caption (`str` or `list[str]`, *optional*): with `prompt_embeds` and no `prompt`, the text the embeddings
+                encode (one per prompt row): its tokens name the regions, as the prompt's would.
 
         Regions are named by the tokens of `prompt` (the first tokenizer's); `prompt_2` feeds the second encoder
         at the same token positions (algorithm.md §8.2).
@@ -174,8 +177,15 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
             ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs,
         )
-        check_call_inputs(num_inference_steps, guidance_scale, height, width)  # [S-CFG] (diffusers lets these pass)
+        check_call_inputs(  # [S-CFG] (diffusers lets these pass)
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            timesteps is not None or sigmas is not None,  # [S-CFG]
+        )  # [S-CFG]
         segmentor = self.prepare_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG] checked before any work
+        regions = self.region_text(segmentor, prompt, caption, prompt_embeds)  # [S-CFG] who names the regions
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -322,7 +332,7 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
         # [S-CFG] 9.1 Plan the segmentation (only when CFG is on) and record the needed attention layers
         guide = self.start_spatial_guidance(
             segmentor,
-            prompt=prompt,
+            prompt=regions,
             height=height,
             width=width,
             num_images_per_prompt=num_images_per_prompt,
@@ -337,6 +347,7 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
                 if self.interrupt:
                     continue
 
+                self.follow_guidance_scale(guide, record)  # [S-CFG] a callback may switch CFG off (or break it)
                 # expand the latents if we are doing classifier free guidance
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import TextualInversionLoaderMixin
 from torch import Tensor
 
+from .capture import AttentionRecord
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SpatialGuidance
 from .layout import ModelLayout, unwrap
@@ -68,6 +70,46 @@ class SCFGPipelineMixin:
             seg.check_layout(ModelLayout.of(self.denoiser))
         return seg
 
+    def region_text(
+        self,
+        segmentor: Segmentor | None,
+        prompt: str | list[str] | None,
+        caption: str | list[str] | None,
+        prompt_embeds: Tensor | None,
+    ) -> str | list[str] | None:
+        """The text whose tokens name the regions: `prompt`, or `caption` when only `prompt_embeds` are given
+        (prompt weighting, precomputed embeddings). Checked before any work."""
+        if caption is None:
+            if prompt is None and segmentor is not None and segmentor.needs_text:
+                others = [repr(name) for name in ("scfg",) if self._segments_with(name)] + ["None"]
+                raise ValueError(
+                    f"segmentor={segmentor.name!r} names its regions by caption tokens: with prompt_embeds and no "
+                    f"prompt, pass caption= (the text the embeddings encode), or use segmentor={' or '.join(others)}"
+                )
+            return prompt
+        if prompt is not None:
+            raise ValueError(
+                "caption= is for calls with prompt_embeds and no prompt; here the prompt names the regions"
+            )
+        texts = [caption] if isinstance(caption, str) else caption
+        if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"caption must be a str or a list of str, got {caption!r}")
+        if prompt_embeds is not None and len(texts) != prompt_embeds.shape[0]:
+            raise ValueError(
+                f"caption has {len(texts)} text(s) but prompt_embeds has {prompt_embeds.shape[0]} row(s): one each"
+            )
+        if getattr(self, "tokenizer", None) is None and getattr(self, "tokenizer_2", None) is None:
+            raise ValueError("caption= needs the pipeline's tokenizer, and this pipeline was loaded without one")
+        return caption
+
+    def _segments_with(self, name: str) -> bool:
+        """Whether the built-in segmentor `name` can run on this pipeline's denoiser."""
+        try:
+            make_segmentor(name).check_layout(ModelLayout.of(self.denoiser))
+        except ValueError:
+            return False
+        return True
+
     def check_segmentation_size(self, height: int, width: int, layout: ModelLayout) -> tuple[int, int]:
         """The latent (h, w), checked to divide evenly into every attention grid of the denoiser."""
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -119,6 +161,19 @@ class SCFGPipelineMixin:
             blank = negative_prompt_embeds.flatten(1).abs().amax(dim=1) == 0
         context = SegmentationContext(layout, latent_hw, batch_size, tokens, key_mask, blank)
         return SpatialGuidance(seg, context, scfg_config or SCFGConfig(), return_maps=return_maps)
+
+    def follow_guidance_scale(self, guide: SpatialGuidance | None, record: AttentionRecord | None) -> None:
+        """Before each denoiser call: a guidance scale a step-end callback set to NaN or inf is refused; one at most 1
+        (diffusers' dynamic-CFG pattern, `SDCFGCutoffCallback`) turns CFG off, so nothing is recorded or segmented
+        from then on."""
+        if guide is None:
+            return
+        if not math.isfinite(self._guidance_scale):
+            raise ValueError(
+                f"guidance_scale became {self._guidance_scale} during the call (set by a step-end callback); "
+                "it must be a finite number (<= 1 turns classifier-free guidance off)"
+            )
+        record.enabled = self.do_classifier_free_guidance
 
     def start_spatial_guidance(self, segmentor: Segmentor | None, **kwargs) -> SpatialGuidance | None:
         """The loop's plan, or None (with a warning when a segmentor was asked for but CFG is off: w <= 1 or a

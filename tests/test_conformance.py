@@ -372,7 +372,7 @@ class Harness:
             hw = latent_hw or tuple(kw[k] // pipe.vae_scale_factor if kw[k] else native for k in ("height", "width"))
             maps = out[-1] if isinstance(out, tuple) else out.maps
             check_maps(pipe, maps, _count(_images(out)), hw, self.token_row_length(kw), steps,
-                       has_tokens=kw.get("prompt") is not None)  # fmt: skip
+                       has_tokens=kw.get("prompt") is not None or kw.get("caption") is not None)  # fmt: skip
             if not isinstance(out, tuple):
                 assert [r.step for r in out.rates] == [m.step for m in maps]
                 assert all(r.mean.shape == (_count(_images(out)),) for r in out.rates)
@@ -458,7 +458,7 @@ def test_call_signature_and_components(h):
     stock = [p for p in inspect.signature(h.case.stock.__call__).parameters.values() if p.kind != p.VAR_KEYWORD]
     assert [(p.name, p.default) for p in ours[: len(stock)]] == [(p.name, p.default) for p in stock]
     new = [p.name for p in ours[len(stock) :] if p.kind != p.VAR_KEYWORD]
-    assert new == ["segmentor", "scfg_config", "goca_config", "return_maps"]
+    assert new == ["segmentor", "scfg_config", "goca_config", "return_maps", "caption"]
     assert h.pipe.components.keys() == h.stock.components.keys()
     assert h.case.pipeline._optional_components == h.case.stock._optional_components
     tensor_inputs = "_callback_tensor_inputs"  # PixArt: none (no callback_on_step_end)
@@ -769,7 +769,9 @@ def test_custom_timesteps_and_sigmas(h, segmentor):
 
 @segmentors
 def test_prompt_embeds(h, segmentor):
-    """`prompt_embeds`/`negative_prompt_embeds` give the images of the prompt text; goca needs the text."""
+    """`prompt_embeds`/`negative_prompt_embeds` give the images of the prompt text; goca takes the text as `caption`
+    (one per prompt row) and then equals the prompt's call, maps and all; without it, one error naming `caption=`
+    and only the segmentors this pipeline has."""
     negative = ["blurry", "dark"]
     with torch.no_grad():  # as in `__call__` (T5 rounds differently with autograd on)
         embeds = h.pipe.encode_prompt(
@@ -778,12 +780,18 @@ def test_prompt_embeds(h, segmentor):
         )  # fmt: skip
     embeds = dict(zip(h.case.embeds, embeds), negative_prompt=None)  # PixArt's default is "", not None
     if segmentor == "goca":
-        with pytest.raises(ValueError, match="needs the prompt text"):
+        with pytest.raises(ValueError, match="pass caption=") as err:
             h.pipe(**h.inputs(prompt=None, seeds=(0, 1), **embeds), segmentor=segmentor)
-        return
+        assert ("'scfg'" in str(err.value)) == ("scfg" in h.case.segmentors)  # only what this pipeline can run
+        with pytest.raises(ValueError, match="caption has 1 text"):
+            h.pipe(**h.inputs(prompt=None, seeds=(0, 1), caption=PROMPTS[0], **embeds), segmentor=segmentor)
+        embeds["caption"] = PROMPTS[:2]
     from_text = h.run(segmentor, prompt=PROMPTS[:2], negative_prompt=negative, seeds=(0, 1), output_type="latent")
     from_embeds = h.run(segmentor, prompt=None, seeds=(0, 1), output_type="latent", **embeds)
-    assert torch.equal(from_embeds.images, from_text.images)
+    assert torch.equal(from_embeds.images, from_text.images)  # one instance, the same shapes: exact
+    for a, b in zip(from_embeds.maps or [], from_text.maps or []):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.rate, b.rate)
+        assert a.tokens == (b.tokens if "caption" in embeds else None)  # scfg without a caption: no token names
 
 
 @segmentors
@@ -1000,9 +1008,11 @@ def test_save_load_without_optional_components(h, segmentor, tmp_path):
     loaded = h.case.pipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert all(getattr(loaded, name) is None for name in optional)
-    if segmentor == "goca":
-        with pytest.raises(ValueError, match="needs the prompt text"):
+    if segmentor == "goca":  # no prompt and no tokenizer: nothing can name the regions
+        with pytest.raises(ValueError, match="pass caption="):
             loaded(**h.inputs(**kw), segmentor=segmentor)
+        with pytest.raises(ValueError, match="needs the pipeline's tokenizer"):
+            loaded(**h.inputs(**kw, caption=PROMPT), segmentor=segmentor)
         return
     got = h.run(segmentor, pipe=loaded, stock=h.plain(loaded.components), **kw)  # off: exact, same instances
     assert_same_guidance(got, h.run(segmentor, pipe=ours, stock=stock, **kw), segmentor)  # reloaded: other buffers
@@ -1010,9 +1020,12 @@ def test_save_load_without_optional_components(h, segmentor, tmp_path):
 
 
 def test_goca_pixart_without_preset():
-    """diffusers' own 2-block PixArt dummy: not PixArt-Sigma's 28 blocks, so no GoCA preset. The SD v1.5 rule looks
-    for an up-path cross block, which a DiT has not: a clear error asking for `GoCAConfig.dense_layer`; with it,
-    GoCA runs on the generic transformer layout (all cross blocks, the first self block, order 2)."""
+    """diffusers' own 2-block PixArt dummy: not PixArt-Sigma's 28 blocks, so no GoCA preset; the transformer rule
+    (algorithm.md §8.4) picks its layers, so the default GoCA and `GoCAConfig.vanilla()` run without configuration
+    (dense block 0, both blocks' cross and self maps, order 5) and an explicit `dense_layer` still wins."""
+    from goca_scfg.layout import ModelLayout
+    from goca_scfg.segment.goca import goca_layers
+
     components = pixart_two_block_components()
     pipe, stock = PixArtSigmaSCFGPipeline(**components), PixArtSigmaPipeline(**components)
     for p in (pipe, stock):
@@ -1021,11 +1034,19 @@ def test_goca_pixart_without_preset():
               clean_caption=False, output_type="latent")  # fmt: skip
     plain = pipe(**kw, generator=torch.Generator().manual_seed(0), segmentor=None).images
     assert torch.equal(plain, stock(**kw, generator=torch.Generator().manual_seed(0)).images)
-    with pytest.raises(ValueError, match="no up-path cross-attention; set GoCAConfig.dense_layer"):
-        pipe(**kw, segmentor="goca")
-    config = GoCAConfig(dense_layer="transformer_blocks.1")
-    out = pipe(
-        **kw, generator=torch.Generator().manual_seed(0), segmentor="goca", goca_config=config, return_maps=True
-    )
-    check_maps(pipe, out.maps, 1, plain.shape[-2:], 300)
-    assert (out.images - plain).abs().max() > 1e-3
+    layout = ModelLayout.of(pipe.transformer)
+    assert goca_layers(layout, GoCAConfig()).rule == "rule for a 2-block transformer (algorithm.md §8.4)"
+    outs = {}
+    for name, config in [
+        ("default", None),
+        ("vanilla", GoCAConfig.vanilla()),
+        ("dense 1", GoCAConfig(dense_layer="transformer_blocks.1")),
+    ]:
+        out = pipe(
+            **kw, generator=torch.Generator().manual_seed(0), segmentor="goca", goca_config=config, return_maps=True
+        )
+        check_maps(pipe, out.maps, 1, plain.shape[-2:], 300)
+        assert (out.images - plain).abs().max() > 1e-3, name
+        outs[name] = out.images
+    assert goca_layers(layout, GoCAConfig(dense_layer="transformer_blocks.1")).dense.block == "transformer_blocks.1"
+    assert not torch.equal(outs["dense 1"], outs["default"])  # the reference query changes the layer weights

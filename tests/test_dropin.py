@@ -106,3 +106,82 @@ def test_warns_when_nothing_can_be_segmented(caplog):
     with caplog.at_level(logging.WARNING, logger="goca_scfg"):
         _pipe()(PROMPTS[0], generator=_gens(1), **_kwargs(guidance_scale=1.0))
     assert "classifier-free guidance is off (guidance_scale=1.0" in caplog.text
+
+
+def _tiny(family: str):
+    from goca_scfg.testing import tiny_pipeline, tiny_pixart_pipeline, tiny_xl_pipeline
+
+    if family == "pixart":
+        return tiny_pixart_pipeline(), dict(clean_caption=False, height=256, width=256)
+    return (tiny_pipeline(scheduler="dpm++") if family == "sd" else tiny_xl_pipeline(scheduler="dpm++")), {}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart"])
+def test_explicit_timesteps_without_num_inference_steps(family):
+    """`num_inference_steps=None` with `timesteps=` (an Align-Your-Steps-style schedule) and a DPM-Solver++
+    scheduler, as the stock pipelines take it: every one of the 4 steps is segmented."""
+    pipe, extra = _tiny(family)
+    kw = _kwargs(num_inference_steps=None, timesteps=[999, 845, 500, 100], return_maps=True, **extra)
+    out = pipe(PROMPTS[0], generator=_gens(1), **kw)
+    assert [m.timestep for m in out.maps] == [999, 845, 500, 100]
+    with pytest.raises(ValueError, match="num_inference_steps must be an int"):
+        pipe(PROMPTS[0], **_kwargs(num_inference_steps=None, **extra))  # nor a schedule: refused before any work
+
+
+def test_caption_names_the_regions_of_prompt_embeds():
+    """GoCA from `prompt_embeds` (prompt weighting, compel): `caption=` names the regions, and the call equals the
+    one with the prompt text, bit for bit (one instance, the same shapes), tokens in the maps."""
+    pipe = _pipe()
+    text, negative = "a cat on the grass", "blurry"
+    pe, npe = pipe.encode_prompt(text, "cpu", 1, True, negative)
+    from_embeds = pipe(
+        prompt_embeds=pe, negative_prompt_embeds=npe, caption=text, generator=_gens(1), return_maps=True, **_kwargs()
+    )
+    from_text = pipe(text, negative_prompt=negative, generator=_gens(1), return_maps=True, **_kwargs())
+    assert torch.equal(from_embeds.images, from_text.images)
+    assert from_embeds.maps[0].tokens == from_text.maps[0].tokens and from_text.maps[0].tokens[0][1] == "a</w>"
+    assert all(torch.equal(a.labels, b.labels) for a, b in zip(from_embeds.maps, from_text.maps))
+    with pytest.raises(ValueError, match="caption= is for calls with prompt_embeds"):
+        pipe(text, caption=text, **_kwargs())
+    with pytest.raises(TypeError, match="caption must be a str or a list of str"):
+        pipe(prompt_embeds=pe, negative_prompt_embeds=npe, caption=3, **_kwargs())
+
+
+def _cfg_off_after_step_1(pipe, i, t, kwargs):
+    """diffusers' dynamic-CFG pattern for any batch: w := 0 and only the cond half of the embeddings from now on."""
+    if i == 1:
+        pipe._guidance_scale = 0.0
+        for name, x in kwargs.items():
+            if name != "latents":
+                kwargs[name] = x.chunk(2)[-1]
+    return kwargs
+
+
+@pytest.mark.parametrize("segmentor", ["goca", "scfg"])
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_callback_switching_cfg_off_stops_segmentation(family, segmentor):
+    """A step-end callback that turns CFG off (w <= 1, embeddings sliced) ends segmentation at that step, with no
+    error: maps and rates for steps 0 and 1 only; the same with diffusers' own CFG-cutoff callback."""
+    from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+
+    pipe, _ = _tiny(family)
+    inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids"] if family == "sdxl" else ["prompt_embeds"]
+    kw = _kwargs(num_inference_steps=4, segmentor=segmentor, return_maps=True)
+    out = pipe(PROMPTS, generator=_gens(2), callback_on_step_end=_cfg_off_after_step_1,
+               callback_on_step_end_tensor_inputs=["latents", *inputs], **kw)  # fmt: skip
+    assert [m.step for m in out.maps] == [0, 1] and len(out.rates) == 2 and torch.isfinite(out.images).all()
+    cutoff = (SDXLCFGCutoffCallback if family == "sdxl" else SDCFGCutoffCallback)(
+        cutoff_step_ratio=None, cutoff_step_index=1
+    )
+    out = pipe(PROMPTS[0], generator=_gens(1), callback_on_step_end=cutoff, **kw)  # its slicing assumes one prompt
+    assert [m.step for m in out.maps] == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_callback_setting_a_non_finite_guidance_scale_is_refused(bad):
+    def breaks(pipe, i, t, kwargs):
+        pipe._guidance_scale = bad
+        return kwargs
+
+    with pytest.raises(ValueError, match=f"guidance_scale became {bad} during the call"):
+        _pipe()(PROMPTS[0], generator=_gens(1), callback_on_step_end=breaks, **_kwargs())

@@ -24,6 +24,7 @@ def test_sd15_resolves_to_the_authors_layers():
     layout = _meta_layout(**_UNET_LAYOUT, **_SD15[0])
     goca = goca_layers(layout, GoCAConfig())
     assert len(goca.cross) == 16 and goca.order == 2 and goca.factor == 1
+    assert goca.describe().startswith("SD v1.5 rules (algorithm.md §8.2): cross all 16; dense up_blocks.2.")
     assert goca.dense.name == "up_blocks.2.attentions.1.transformer_blocks.0.attn2"  # cfg15 ref layer
     assert _blocks(goca.propagation) == [  # call order; cfg15 lists the up blocks first
         "down_blocks.0.attentions.1.transformer_blocks.0",
@@ -46,6 +47,7 @@ def test_sdxl_resolves_to_the_authors_layers():
     layout = _meta_layout(**_SDXL_UNET_LAYOUT, **_SDXL[0])
     goca = goca_layers(layout, GoCAConfig())
     assert len(goca.cross) == 70 and goca.order == 2 and goca.factor == 2  # config_model_xl.py: all 70
+    assert goca.describe().startswith("preset sdxl: cross all 70; dense up_blocks.1.attentions.0.")
     assert goca.dense.name == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     assert sorted(_blocks(goca.propagation)) == sorted(
         [f"up_blocks.1.attentions.{m}.transformer_blocks.{b}" for m, b in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]]
@@ -82,6 +84,8 @@ def test_explicit_names_win_and_bad_names_say_what_exists():
     cfg = GoCAConfig(cross_layers=("up_blocks.3",), dense_layer="up_blocks.2.attentions.0", propagation_order=0)
     goca = goca_layers(layout, cfg)
     assert len(goca.cross) == 3 and goca.dense.module == "up_blocks.2.attentions.0" and goca.propagation == []
+    described = "(3 of 16) (config); dense up_blocks.2.attentions.0.transformer_blocks.0 (config); no propagation"
+    assert described + " (config); segmentation at latent/1" in goca.describe()
     with pytest.raises(ValueError, match="available modules: .*up_blocks.3.attentions.2"):
         goca_layers(layout, GoCAConfig(self_layers=("up_blocks.9",)))
     with pytest.raises(ValueError, match="share one grid"):

@@ -167,7 +167,7 @@ def test_bad_inputs_raise(tiny_components_factory):
     with pytest.raises(TypeError, match="return_map"):
         pipe(PROMPTS[0], return_map=True, **_kwargs())
     embeds = pipe.encode_prompt(PROMPTS[0], "cpu", 1, True)
-    with pytest.raises(ValueError, match="needs the prompt text"):
+    with pytest.raises(ValueError, match="pass caption=.*segmentor='scfg' or None"):
         pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], segmentor="goca", **_kwargs())
     out = pipe(
         prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], segmentor="scfg", return_maps=True, **_kwargs()

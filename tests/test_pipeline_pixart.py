@@ -98,7 +98,8 @@ def test_batch_equals_single_calls():
     (BLAS blocking, and on some CPUs buffer alignment). On the default-initialised model GoCA's min-max turns that
     rounding into label flips at most pixels, so this runs on the sharpened one (DDIM: DPM-Solver++ from t=999
     puts the random model's latents in the hundreds): every step's labels and foregrounds agree on >= 99 % of
-    pixels and the latents (|x| ~ 50) within 1e-2. Exact sample independence:
+    pixels, and the latents (|x| ~ 50) on average within 5e-3, while segmenting or not moves them by ~0.09 on
+    average (a pixel that does flip moves its latents by up to ~0.07: seen with 2 threads). Exact sample independence:
     test_sample_independent_of_its_batch_partner; of the PixArt maths on fixed tensors: test_segment_goca_pixart.py.
     """
     pipe = _pipe(sharpened(tiny_pixart_components()), scheduler="ddim")
@@ -106,7 +107,7 @@ def test_batch_equals_single_calls():
     batch = pipe(PROMPTS, generator=_gens(2), segmentor="goca", return_maps=True, **kw)
     for i, prompt in enumerate(PROMPTS):
         single = pipe(prompt, generator=_gens(1, base=i), segmentor="goca", return_maps=True, **kw)
-        torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-2, rtol=0)
+        assert (batch.images[i] - single.images[0]).abs().mean() <= 5e-3
         for b, s in zip(batch.maps, single.maps):
             assert (b.labels[i] == s.labels[0]).float().mean() >= 0.99
             assert (b.foreground[i] == s.foreground[0]).float().mean() >= 0.99
@@ -139,7 +140,7 @@ def test_bad_inputs_raise(components):
     with pytest.raises(TypeError, match="return_map"):
         pipe(PROMPTS[0], return_map=True, **_kwargs())
     embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS[0], device="cpu")
-    with pytest.raises(ValueError, match="needs the prompt text"):
+    with pytest.raises(ValueError, match=r"pass caption=\S* .*or use segmentor=None$"):
         pipe(
             negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
             negative_prompt_attention_mask=neg_mask, segmentor="goca", **_kwargs(),

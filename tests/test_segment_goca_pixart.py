@@ -1,6 +1,9 @@
 """GoCA's PixArt-Sigma steps (algorithm.md §8.3) against naive references written from the authors' formulas
 (GoCA src-additional/generation-experiment/utils_sigma.py at 475892f)."""
 
+from dataclasses import replace
+from fractions import Fraction
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,11 +12,14 @@ from goca_scfg.config import GoCAConfig
 from goca_scfg.layout import ModelLayout
 from goca_scfg.ops import attention_probs, gaussian_taps, smooth
 from goca_scfg.segment.goca import (
+    GOCA_PRESETS,
     PropagationInputs,
     global_token_into_uncond,
     goca_layers,
     goca_segment,
     propagate_upsampled_self_attention,
+    relative_block,
+    transformer_rule,
 )
 from goca_scfg.testing import tiny_pixart_components
 
@@ -181,20 +187,74 @@ def test_key_mask_equals_diffusers_bias():
     assert (got[0, ..., 3:] == 0).all() and (got[1, ..., 7:] == 0).all()
 
 
-@pytest.mark.parametrize("blocks", [4])
-def test_other_transformers_fall_back_to_the_rules(blocks):
+def _pixart_layout(blocks: int) -> ModelLayout:
     from diffusers import PixArtTransformer2DModel
 
-    model = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, num_layers=blocks, cross_attention_dim=16, caption_channels=16,
-        sample_size=8,
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="dense_layer"):
-        goca_layers(ModelLayout.of(model), GoCAConfig())
-    layers = goca_layers(
-        ModelLayout.of(model), GoCAConfig(dense_layer="transformer_blocks.1", self_layers=("transformer_blocks.2",))
+    with torch.device("meta"):
+        model = PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, num_layers=blocks, cross_attention_dim=16,
+            caption_channels=16, sample_size=8,
+        )  # fmt: skip
+    return ModelLayout.of(model)
+
+
+def _blocks(layers):
+    return [x.block for x in layers]
+
+
+def test_relative_block_moves_the_authors_positions():
+    """algorithm.md §8.4: round(i·(L − 1)/27), halves up; the ends stay the ends and L = 28 is the identity."""
+    assert [relative_block(i, 28) for i in range(28)] == list(range(28))
+    for depth in range(1, 60):
+        got = [relative_block(i, depth) for i in range(28)]
+        assert got[0] == 0 and got[27] == depth - 1 and got == sorted(got)
+        assert got == [int(Fraction(i * (depth - 1), 27) + Fraction(1, 2)) for i in range(28)]  # exact reference
+    assert [relative_block(i, 2) for i in (10, 13, 17)] == [0, 0, 1]  # 0.37, 0.48, 0.63 of one step
+    assert relative_block(27, 55) == 54 and relative_block(1, 55) == 2  # 2.0 exactly; 1·54/27 = 2
+
+
+def test_transformer_rule_at_pixart_depth_is_the_preset():
+    """The rule is the preset moved (algorithm.md §8.4): at PixArt-Sigma's 28 blocks it gives the preset exactly."""
+    layout = _pixart_layout(28)
+    preset = next(p for match, p in GOCA_PRESETS if match(layout))
+    assert replace(transformer_rule(layout), name=preset.name) == preset
+
+
+@pytest.mark.parametrize(
+    ("blocks", "dense", "band"), [(1, 0, (0, 0)), (2, 0, (0, 1)), (3, 1, (1, 1)), (4, 1, (1, 2)), (12, 5, (4, 7))]
+)
+def test_other_transformers_fall_back_to_the_rule(blocks, dense, band):
+    layout = _pixart_layout(blocks)
+    expected = [f"transformer_blocks.{i}" for i in range(band[0], band[1] + 1)]
+    for config in (GoCAConfig(), GoCAConfig.vanilla()):
+        layers = goca_layers(layout, config)
+        assert _blocks(layers.cross) == expected and all(x.kind == "cross" for x in layers.cross)
+        assert _blocks(layers.propagation) == expected and all(x.kind == "self" for x in layers.propagation)
+        assert layers.dense.name == f"transformer_blocks.{dense}.attn2"
+        assert (layers.order, layers.factor, layers.foreground) == (5, 1, "cond")
+        assert layers.describe().startswith(f"rule for a {blocks}-block transformer (algorithm.md §8.4): cross ")
+    last = f"transformer_blocks.{blocks - 1}"
+    layers = goca_layers(layout, GoCAConfig(dense_layer=last, self_layers=(last,), propagation_order=2))
+    assert layers.dense.block == last and _blocks(layers.propagation) == [last] and layers.order == 2  # config wins
+    assert _blocks(layers.cross) == expected and layers.configured == {"dense", "propagation", "order"}
+
+
+def test_describe_names_the_rule_and_the_config_parts():
+    assert goca_layers(_pixart_layout(2), GoCAConfig()).describe() == (
+        "rule for a 2-block transformer (algorithm.md §8.4): cross all 2; dense transformer_blocks.0; propagation "
+        "transformer_blocks.0-1, order 5; segmentation at latent/1; foreground from the cond global token"
     )
-    assert layers.foreground == "uncond" and layers.factor == 2 and layers.order == 2
+    layout = _pixart_layout(28)
+    assert goca_layers(layout, GoCAConfig()).describe() == (
+        "preset pixart-sigma: cross transformer_blocks.10-17 (8 of 28); dense transformer_blocks.13; propagation "
+        "transformer_blocks.10-17, order 5; segmentation at latent/1; foreground from the cond global token"
+    )
+    config = GoCAConfig(cross_layers=("transformer_blocks.3", "transformer_blocks.5"), propagation_order=0)
+    assert goca_layers(layout, config).describe() == (
+        "preset pixart-sigma: cross transformer_blocks.3, transformer_blocks.5 (2 of 28) (config); dense "
+        "transformer_blocks.13; no propagation (config); segmentation at latent/1; foreground from the cond global "
+        "token"
+    )
 
 
 @torch.no_grad()

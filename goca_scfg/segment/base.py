@@ -56,6 +56,7 @@ class Segmentor(abc.ABC):
 
     name: str = "segmentor"
     plan: CapturePlan
+    needs_text: bool = False  # True: the regions are caption tokens, so the call needs `prompt` or `caption`
 
     @abc.abstractmethod
     def start(self, context: SegmentationContext) -> CapturePlan:

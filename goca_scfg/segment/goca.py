@@ -10,6 +10,7 @@ pooling for latent-resolution self maps, and S·X as fused attention with the ma
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -36,6 +37,8 @@ from ..ops import (
 )
 from ..tokens import live_ends
 from .base import CapturePlan, SegmentationContext, Segmentor
+
+logger = logging.getLogger(__name__)
 
 _CHUNK_ELEMENTS = 2**25  # fp32 elements (128 MiB) per temporary in the chunked similarity
 
@@ -440,10 +443,11 @@ def goca_segment(
 
 @dataclass(frozen=True)
 class GoCAPreset:
-    """The authors' GoCA layers for one published architecture (algorithm.md §8): cross blocks (None: all), the
-    dense block whose attn2 query is the similarity's reference, the propagation blocks and order, the segmentation
-    grid's factor (None: the propagation blocks' grid) and the branch whose global token gives the foreground
-    ("uncond": the uncond map of token 0, SD; "cond": the cond `</s>` map put into the uncond half, PixArt-Sigma)."""
+    """The authors' GoCA layers for one published architecture (algorithm.md §8), or a rule's choice for a model
+    they did not configure (§8.4): cross blocks (None: all), the dense block whose attn2 query is the similarity's
+    reference, the propagation blocks and order, the segmentation grid's factor (None: the propagation blocks' grid),
+    the branch whose global token gives the foreground ("uncond": the uncond map of token 0, SD; "cond": the cond
+    `</s>` map put into the uncond half, PixArt-Sigma) and the name `GoCALayers.describe` reports."""
 
     cross: tuple[str, ...] | None
     dense: str
@@ -451,17 +455,35 @@ class GoCAPreset:
     order: int
     grid_factor: int | None = None
     foreground: Literal["uncond", "cond"] = "uncond"
+    name: str = "preset"
 
 
 def _pixart_blocks(first: int, last: int) -> tuple[str, ...]:
     return tuple(f"transformer_blocks.{i}" for i in range(first, last + 1))
 
 
+# PixArt-Sigma-XL/2's depth and the authors' positions in it (reference query, cross/self band; sources below); the
+# transformer rule (algorithm.md §8.4) moves these positions to any depth.
+_PIXART_DEPTH, _PIXART_DENSE, _PIXART_BAND = 28, 13, (10, 17)
+
+
 def _is_pixart(layout: ModelLayout) -> bool:
     """PixArt-α/Σ-XL/2's structure: a transformer of 28 blocks `transformer_blocks.0` … `.27` with cross-attention."""
     blocks = [x.block for x in layout.of_kind("cross")]
-    return layout.arch == "transformer" and blocks == list(_pixart_blocks(0, 27))
+    return layout.arch == "transformer" and blocks == list(_pixart_blocks(0, _PIXART_DEPTH - 1))
 
+
+# GoCA src-additional/generation-experiment/configs/config_model_sigma.py L43 (ref), L45-74 (cross 10-17),
+# L77-89 (self 10-17), L91-96 (order 5), L9 (feat_size = latent at 512 px); utils_sigma.py L329-330 (fg)
+_PIXART_SIGMA = GoCAPreset(
+    cross=_pixart_blocks(*_PIXART_BAND),
+    dense=f"transformer_blocks.{_PIXART_DENSE}",
+    self_blocks=_pixart_blocks(*_PIXART_BAND),
+    order=5,
+    grid_factor=1,
+    foreground="cond",
+    name="preset pixart-sigma",
+)
 
 # Architectures the authors configured, recognised by their attention structure (`ModelLayout.signature`).
 _SDXL_SIGNATURE = (
@@ -483,21 +505,38 @@ GOCA_PRESETS: list[tuple[Callable[[ModelLayout], bool], GoCAPreset]] = [
                 "down_blocks.1.attentions.0.transformer_blocks.1",
             ),
             order=2,
+            name="preset sdxl",
         ),
     ),
-    (  # GoCA src-additional/generation-experiment/configs/config_model_sigma.py L43 (ref), L45-74 (cross 10-17),
-        # L77-89 (self 10-17), L91-96 (order 5), L9 (feat_size = latent at 512 px); utils_sigma.py L329-330 (fg)
-        _is_pixart,
-        GoCAPreset(
-            cross=_pixart_blocks(10, 17),
-            dense="transformer_blocks.13",
-            self_blocks=_pixart_blocks(10, 17),
-            order=5,
-            grid_factor=1,
-            foreground="cond",
-        ),
-    ),
+    (_is_pixart, _PIXART_SIGMA),
 ]
+
+
+def relative_block(index: int, depth: int) -> int:
+    """Block `index` of PixArt-Sigma's 28 moved to the same relative depth among `depth` blocks (algorithm.md §8.4):
+    round(index·(depth − 1)/27), halves up, in integers (exact: the identity at depth 28)."""
+    span = _PIXART_DEPTH - 1
+    return (2 * index * (depth - 1) + span) // (2 * span)
+
+
+def transformer_rule(layout: ModelLayout) -> GoCAPreset:
+    """GoCA's layers for a transformer the authors did not configure (algorithm.md §8.4): the PixArt-Sigma preset at
+    the same relative depths. Of the L blocks with cross-attention (call order), block d = `relative_block(13, L)` is
+    the reference query; blocks `relative_block(10, L)` … `relative_block(17, L)` (at least one, always holding d)
+    give the cross maps and the propagation; order 5, segmentation at latent size, foreground from the cond global
+    token, as the preset. At L = 28 this is the preset itself."""
+    blocks = list(dict.fromkeys(x.block for x in layout.of_kind("cross")))
+    if not blocks:
+        raise ValueError("segmentor needs a denoiser with text cross-attention; this one has none")
+    first, dense, last = (relative_block(i, len(blocks)) for i in (_PIXART_BAND[0], _PIXART_DENSE, _PIXART_BAND[1]))
+    band = tuple(blocks[first : last + 1])
+    return replace(
+        _PIXART_SIGMA,
+        cross=band,
+        dense=blocks[dense],
+        self_blocks=band,
+        name=f"rule for a {len(blocks)}-block transformer (algorithm.md §8.4)",
+    )
 
 
 def default_dense_block(layout: ModelLayout) -> str:
@@ -528,8 +567,10 @@ def default_self_blocks(layout: ModelLayout) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class GoCALayers:
     """The layers one GoCA call reads: cross blocks, the dense (reference-query) cross layer, the propagation self
-    layers, the order, the segmentation grid factor (latent / factor; by default the propagation layers' grid) and
-    the foreground's branch (`GoCAPreset.foreground`)."""
+    layers, the order, the segmentation grid factor (latent / factor; by default the propagation layers' grid), the
+    foreground's branch (`GoCAPreset.foreground`), the rule that chose them (a preset's name, the transformer rule
+    or the SD v1.5 rules, algorithm.md §8) and which parts the config named instead ("cross", "dense",
+    "propagation", "order"); `cross_total` counts the layout's cross layers."""
 
     cross: list[AttentionLayer]
     dense: AttentionLayer
@@ -537,14 +578,63 @@ class GoCALayers:
     order: int
     factor: int
     foreground: Literal["uncond", "cond"] = "uncond"
+    rule: str = "config"
+    configured: frozenset[str] = frozenset()
+    cross_total: int = 0
+
+    def describe(self) -> str:
+        """One line saying which rule applied and what it chose (algorithm.md §8); parts the config named are marked
+        "(config)"."""
+
+        def mark(part: str) -> str:
+            return " (config)" if part in self.configured else ""
+
+        n, blocks = len(self.cross), _blocks_text([x.block for x in self.cross])
+        cross = f"all {n}" if n == self.cross_total else f"{blocks} ({n} of {self.cross_total})"
+        if self.order:
+            prop = f"propagation {_blocks_text([x.block for x in self.propagation])}{mark('propagation')}"
+            prop += f", order {self.order}{mark('order')}"
+        else:
+            prop = f"no propagation{mark('order')}"
+        fg = "cond global token" if self.foreground == "cond" else "uncond token 0"
+        return (
+            f"{self.rule}: cross {cross}{mark('cross')}; dense {self.dense.block}{mark('dense')}; {prop}; "
+            f"segmentation at latent/{self.factor}; foreground from the {fg}"
+        )
+
+
+def _blocks_text(blocks: list[str]) -> str:
+    """Block names, runs of consecutive last indices under one prefix joined: `transformer_blocks.10-17`."""
+    runs: list[list] = []  # [prefix, first, last], or [name, None, None] without a trailing index
+    for block in blocks:
+        prefix, _, last = block.rpartition(".")
+        if last.isdigit() and runs and runs[-1][0] == prefix and runs[-1][2] == int(last) - 1:
+            runs[-1][2] = int(last)
+        elif last.isdigit():
+            runs.append([prefix, int(last), int(last)])
+        else:
+            runs.append([block, None, None])
+    return ", ".join(p if a is None else f"{p}.{a}" + (f"-{b}" if b != a else "") for p, a, b in runs)
 
 
 def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
     """Resolve a config against a layout (algorithm.md §8): explicit config names first, then the authors' preset
-    for a recognised architecture, then the SD v1.5 rules."""
+    for a recognised architecture, then the transformer rule (§8.4) or the SD v1.5 rules (§8.2)."""
     if not layout.of_kind("cross"):
         raise ValueError("segmentor needs a denoiser with text cross-attention; this one has none")
     preset = next((p for match, p in GOCA_PRESETS if match(layout)), None)
+    if preset is None and layout.arch == "transformer":
+        preset = transformer_rule(layout)
+    configured = {
+        part
+        for part, value in [
+            ("cross", config.cross_layers),
+            ("dense", config.dense_layer),
+            ("propagation", config.self_layers),
+            ("order", config.propagation_order),
+        ]
+        if value is not None
+    }
     cross_names = config.cross_layers or (preset.cross if preset else None)
     cross = layout.resolve(cross_names, "cross") if cross_names else layout.of_kind("cross")
     dense_name = config.dense_layer or (preset.dense if preset else default_dense_block(layout))
@@ -560,7 +650,17 @@ def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
     grid = preset.grid_factor if preset and preset.grid_factor else factors[0]
     if grid > factors[0]:
         raise ValueError(f"GoCA's segmentation grid (factor {grid}) must not be coarser than its propagation blocks'")
-    return GoCALayers(cross, dense, selfs if order else [], order, grid, preset.foreground if preset else "uncond")
+    return GoCALayers(
+        cross,
+        dense,
+        selfs if order else [],
+        order,
+        grid,
+        preset.foreground if preset else "uncond",
+        rule=preset.name if preset else "SD v1.5 rules (algorithm.md §8.2)",
+        configured=frozenset(configured),
+        cross_total=len(layout.of_kind("cross")),
+    )
 
 
 class GoCASegmentor(Segmentor):
@@ -569,6 +669,7 @@ class GoCASegmentor(Segmentor):
     (algorithm.md §2, §8)."""
 
     name = "goca"
+    needs_text = True
 
     def __init__(self, config: GoCAConfig | None = None) -> None:
         self.config = config or GoCAConfig()
@@ -579,12 +680,13 @@ class GoCASegmentor(Segmentor):
     def start(self, context: SegmentationContext) -> CapturePlan:
         if context.tokens is None:
             raise ValueError(
-                "segmentor='goca' needs the prompt text to find its caption tokens; pass `prompt` "
-                "(not only `prompt_embeds`) or use segmentor='scfg' or None"
+                "segmentor='goca' needs the prompt text to find its caption tokens; pass `prompt` (or, with "
+                "`prompt_embeds`, `caption=`) or use segmentor='scfg' or None"
             )
         cfg = self.config
         self.latent_hw = context.latent_hw
         self.layers = goca_layers(context.layout, cfg)
+        logger.debug("GoCA layers: %s", self.layers.describe())
         f = self.layers.factor
         self.seg_hw = (-(-self.latent_hw[0] // f), -(-self.latent_hw[1] // f))
         tokens = context.tokens
