@@ -28,7 +28,6 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
 )
 
 from .capture import capture_attention
-from .checks import check_call_inputs
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
@@ -162,15 +161,10 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
             prompt_attention_mask,
             negative_prompt_attention_mask,
         )
-        check_call_inputs(  # [S-CFG] (diffusers lets these pass)
-            num_inference_steps,
-            guidance_scale,
-            height,
-            width,
-            timesteps is not None or sigmas is not None,  # [S-CFG]
-        )  # [S-CFG]
-        segmentor = self.prepare_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG] checked before any work
-        regions = self.region_text(segmentor, prompt, caption, prompt_embeds)  # [S-CFG] who names the regions
+        segmentor, regions = self.check_scfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
+            num_inference_steps, guidance_scale, height, width, timesteps, sigmas, segmentor, scfg_config, goca_config,
+            prompt, caption, prompt_embeds,
+        )  # fmt: skip
         self._guidance_scale = guidance_scale  # [S-CFG]
 
         # 2. Default height and width to transformer

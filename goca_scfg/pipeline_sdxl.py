@@ -26,7 +26,6 @@ from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from .capture import capture_attention
-from .checks import check_call_inputs
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
@@ -177,15 +176,10 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
             ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs,
         )
-        check_call_inputs(  # [S-CFG] (diffusers lets these pass)
-            num_inference_steps,
-            guidance_scale,
-            height,
-            width,
-            timesteps is not None or sigmas is not None,  # [S-CFG]
-        )  # [S-CFG]
-        segmentor = self.prepare_segmentor(segmentor, scfg_config, goca_config)  # [S-CFG] checked before any work
-        regions = self.region_text(segmentor, prompt, caption, prompt_embeds)  # [S-CFG] who names the regions
+        segmentor, regions = self.check_scfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
+            num_inference_steps, guidance_scale, height, width, timesteps, sigmas, segmentor, scfg_config, goca_config,
+            prompt, caption, prompt_embeds,
+        )  # fmt: skip
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale

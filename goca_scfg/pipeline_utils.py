@@ -16,6 +16,7 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from torch import Tensor
 
 from .capture import AttentionRecord
+from .checks import check_call_inputs
 from .config import GoCAConfig, SCFGConfig
 from .guidance import SpatialGuidance
 from .layout import ModelLayout, unwrap
@@ -69,6 +70,30 @@ class SCFGPipelineMixin:
         if seg is not None:
             seg.check_layout(ModelLayout.of(self.denoiser))
         return seg
+
+    def check_scfg_call(
+        self,
+        num_inference_steps: int | None,
+        guidance_scale: float,
+        height: int | None,
+        width: int | None,
+        timesteps: list[int] | None,
+        sigmas: list[float] | None,
+        segmentor: str | Segmentor | None,
+        scfg_config: SCFGConfig | None,
+        goca_config: GoCAConfig | None,
+        prompt: str | list[str] | None,
+        caption: str | list[str] | None,
+        prompt_embeds: Tensor | None,
+    ) -> tuple[Segmentor | None, str | list[str] | None]:
+        """What a call adds to diffusers' `check_inputs`, before any work: the inputs diffusers lets pass (steps may
+        be None with explicit `timesteps`/`sigmas`), the segmentor object checked against the denoiser, and the text
+        that names its regions (`region_text`)."""
+        check_call_inputs(
+            num_inference_steps, guidance_scale, height, width, timesteps is not None or sigmas is not None
+        )
+        seg = self.prepare_segmentor(segmentor, scfg_config, goca_config)
+        return seg, self.region_text(seg, prompt, caption, prompt_embeds)
 
     def region_text(
         self,
