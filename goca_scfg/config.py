@@ -38,28 +38,17 @@ def _set_names(obj: object, name: str) -> None:
 
 @dataclass(frozen=True)
 class SCFGConfig:
-    """Per-region guidance (S-CFG rate, algorithm.md §1.4) and the official S-CFG segmentation (§1.3).
+    """The official S-CFG segmentation (algorithm.md §1.3), used by `segmentor="scfg"`. The per-region rate that
+    every segmentor's masks feed is a rate rule of its own (`guidance.SCFGRate`, §1.4)."""
 
-    The rate fields are used by every segmentor; `ssgc`, `ratios` and `smooth_maps` only by `segmentor="scfg"`.
-    """
-
-    rate_min: float = 0.8  # SCFG sd/sd.py L149: clamp(0.8, 3.0)
-    rate_max: float = 3.0  # SCFG sd/sd.py L149
-    cap_numerator: float = 15.0  # SCFG sd/sd.py L150: rate <= 15 / w
-    smooth_rate: bool = True  # SCFG sd/sd.py L153-158: 3x3 sigma=0.5-quirk blur of the rate map
-    region_eps: float = 1e-8  # SCFG sd/sd.py L133, L137, L146: epsilons of the region means and ratio
     ssgc: SSGCVariant = "official"  # SCFG sd/utils.py L224-231: (S + 3 S^2)/4; "paper": mean of S..S^4
     ratios: tuple[int, ...] = (4, 8)  # SCFG sd/utils.py L212: maps at latent/4 and latent/8; masks at latent/4
     smooth_maps: bool = True  # SCFG sd/utils.py L245-252: 3x3 blur of every token map
     norm_eps: float = 1e-8  # SCFG sd/utils.py L254: per-token spatial mean normalisation
 
     def __post_init__(self) -> None:
-        for name in ("rate_min", "rate_max", "cap_numerator", "region_eps", "norm_eps"):
-            check_float(_field(self, name), getattr(self, name), above=0)
-        if self.rate_min > self.rate_max:
-            raise ValueError(f"SCFGConfig.rate_min={self.rate_min} must be <= SCFGConfig.rate_max={self.rate_max}")
-        for name in ("smooth_rate", "smooth_maps"):
-            check_bool(_field(self, name), getattr(self, name))
+        check_float(_field(self, "norm_eps"), self.norm_eps, above=0)
+        check_bool(_field(self, "smooth_maps"), self.smooth_maps)
         _check_choice(self, "ssgc", ("official", "paper"))
         if isinstance(self.ratios, list):
             object.__setattr__(self, "ratios", tuple(self.ratios))

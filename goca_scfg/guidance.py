@@ -5,7 +5,8 @@ Pure torch, fp32 maths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import abc
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from .capture import AttentionRecord
-from .config import SCFGConfig
+from .checks import check_bool, check_float
 from .ops import scfg_blur_taps, smooth
 from .segment.base import SegmentationContext, Segmentor
 
@@ -36,10 +37,10 @@ def region_rate(norm: Tensor, masks: Tensor, fg: Tensor, eps: float = 1e-8) -> T
     return torch.einsum("bt,bthw->bhw", rho, masks).unsqueeze(1)
 
 
-def clip_rate(rate: Tensor, guidance_scale: float, config: SCFGConfig) -> Tensor:
+def clip_rate(rate: Tensor, guidance_scale: float, rule: SCFGRate) -> Tensor:
     """clamp(r, 0.8, 3.0) then min(r, 15/w) (algorithm.md §1.4 step 6; the cap may go below 0.8, §5.10)."""
-    rate = rate.clamp(config.rate_min, config.rate_max)
-    return rate.clamp_max(config.cap_numerator / guidance_scale)
+    rate = rate.clamp(rule.rate_min, rule.rate_max)
+    return rate.clamp_max(rule.cap_numerator / guidance_scale)
 
 
 def smooth_rate(rate: Tensor) -> Tensor:
@@ -47,10 +48,60 @@ def smooth_rate(rate: Tensor) -> Tensor:
     return smooth(rate, scfg_blur_taps())
 
 
-def rate_map(delta: Tensor, masks: Tensor, fg: Tensor, guidance_scale: float, config: SCFGConfig) -> Tensor:
+def rate_map(delta: Tensor, masks: Tensor, fg: Tensor, guidance_scale: float, rule: SCFGRate) -> Tensor:
     """The full S-CFG rate (B, 1, H, W) fp32 from Δ and the masks (algorithm.md §1.4 steps 2–7)."""
-    rate = clip_rate(region_rate(guidance_norm(delta), masks, fg, config.region_eps), guidance_scale, config)
-    return smooth_rate(rate) if config.smooth_rate else rate
+    rate = clip_rate(region_rate(guidance_norm(delta), masks, fg, rule.region_eps), guidance_scale, rule)
+    return smooth_rate(rate) if rule.smooth else rate
+
+
+class RateRule(abc.ABC):
+    """How strongly each pixel is guided: the rate r of ε̂ = ε_u + w·r⊙Δ (algorithm.md §1.4).
+
+    A rule is called at every segmented step with Δ = ε_c − ε_u (B, C, H, W), the region masks (B, T, H, W) in
+    {0, 1} and the foreground (B, 1, H, W) at latent size, and the step's w; it returns r (B, 1, H, W) fp32. r ≡ 1 is
+    plain CFG. A variant of the rule is a new subclass (frozen dataclass: its fields are its settings).
+    """
+
+    @abc.abstractmethod
+    def __call__(self, delta: Tensor, masks: Tensor, fg: Tensor, guidance_scale: float) -> Tensor:
+        """r (B, 1, H, W) fp32."""
+
+    def describe(self) -> dict:
+        """Plain-dict view (class and settings), for manifests and saved guider configs."""
+        return {"rule": type(self).__name__, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+@dataclass(frozen=True)
+class SCFGRate(RateRule):
+    """S-CFG's rate (CVPR 2024; algorithm.md §1.4): foreground-normalised inverse region norms of Δ, clamped to
+    [0.8, 3.0], capped at 15/w and smoothed; the constants of the released code (SCFG commit 4e5c9a7)."""
+
+    rate_min: float = 0.8  # SCFG sd/sd.py L149: clamp(0.8, 3.0)
+    rate_max: float = 3.0  # SCFG sd/sd.py L149
+    cap_numerator: float = 15.0  # SCFG sd/sd.py L150: rate <= 15 / w
+    smooth: bool = True  # SCFG sd/sd.py L153-158: 3x3 sigma=0.5-quirk blur of the rate map
+    region_eps: float = 1e-8  # SCFG sd/sd.py L133, L137, L146: epsilons of the region means and ratio
+
+    def __post_init__(self) -> None:
+        for name in ("rate_min", "rate_max", "cap_numerator", "region_eps"):
+            check_float(f"SCFGRate.{name}", getattr(self, name), above=0)
+        if self.rate_min > self.rate_max:
+            raise ValueError(f"SCFGRate.rate_min={self.rate_min} must be <= SCFGRate.rate_max={self.rate_max}")
+        check_bool("SCFGRate.smooth", self.smooth)
+
+    def __call__(self, delta: Tensor, masks: Tensor, fg: Tensor, guidance_scale: float) -> Tensor:
+        return rate_map(delta, masks, fg, guidance_scale, self)
+
+
+def rate_rule_from(value: RateRule | dict | None) -> RateRule:
+    """A rate rule from itself, its `describe()` dict (a saved guider config) or None (S-CFG's)."""
+    if value is None:
+        return SCFGRate()
+    if isinstance(value, RateRule):
+        return value
+    if isinstance(value, dict) and value.get("rule") == "SCFGRate":
+        return SCFGRate(**{k: v for k, v in value.items() if k != "rule"})
+    raise TypeError(f"rate_rule must be a RateRule (e.g. SCFGRate()), its describe() dict or None, got {value!r}")
 
 
 def combine_guidance(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float, rate: Tensor) -> Tensor:
@@ -116,12 +167,12 @@ class SpatialGuidance:
         self,
         segmentor: Segmentor,
         context: SegmentationContext,
-        rate_config: SCFGConfig,
+        rate_rule: RateRule | None = None,
         return_maps: bool = False,
     ) -> None:
         self.segmentor = segmentor
         self.plan = segmentor.start(context)
-        self.rate_config = rate_config
+        self.rate_rule = rate_rule or SCFGRate()
         self.tokens = context.tokens.strings if context.tokens is not None else None
         self.return_maps = return_maps
         self.maps: list[SCFGStepMaps] = []
@@ -152,7 +203,7 @@ class SpatialGuidance:
         (read from the pipeline every step, so step-end callbacks may change it)."""
         masks, fg = self.masks(step, record)
         with record_function("goca_scfg::rate"):
-            rate = rate_map(eps_cond - eps_uncond, masks, fg, guidance_scale, self.rate_config)
+            rate = self.rate_rule(eps_cond - eps_uncond, masks, fg, guidance_scale)
         record.clear()
         self.rates.append(step_rates(step, timestep, guidance_scale, rate, fg))
         if self.return_maps:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .capture import AttentionRecord, LayerTensors, capture_attention
 from .config import GoCAConfig, SCFGConfig
-from .guidance import SCFGStepMaps, SCFGStepRates, SpatialGuidance
+from .guidance import RateRule, SCFGRate, SCFGStepMaps, SCFGStepRates, SpatialGuidance, rate_rule_from
 from .layout import ModelLayout, unwrap
 from .segment import Segmentor, make_segmentor
 from .segment.base import SegmentationContext
@@ -70,6 +70,7 @@ class SCFGGuidance(BaseGuidance):
         segmentor: "goca" (default), "scfg", None (plain CFG, equal to `ClassifierFreeGuidance`) or a `Segmentor`
             instance (not saved by `save_pretrained`).
         scfg_config, goca_config: as the SCFG pipelines take them (or their dicts).
+        rate_rule: the per-pixel rate from the masks (default `SCFGRate()`, S-CFG's; or its `describe()` dict).
         return_maps: keep one `SCFGStepMaps` per segmented step in `maps`.
         caption: the prompt text (or one per prompt) whose tokens name GoCA's regions: a modular pipeline hands the
             guider embeddings, not the prompt.
@@ -88,6 +89,7 @@ class SCFGGuidance(BaseGuidance):
         segmentor: str | Segmentor | None = "goca",
         scfg_config: SCFGConfig | dict | None = None,
         goca_config: GoCAConfig | dict | None = None,
+        rate_rule: RateRule | dict | None = None,
         return_maps: bool = False,
         caption: str | list[str] | None = None,
         start: float = 0.0,
@@ -100,6 +102,7 @@ class SCFGGuidance(BaseGuidance):
         self.scfg_config = _as_config(SCFGConfig, scfg_config)
         self.goca_config = _as_config(GoCAConfig, goca_config)
         self.segmentor = make_segmentor(segmentor, self.scfg_config, self.goca_config)  # checks the name now
+        self.rate_rule = rate_rule_from(rate_rule)
         self.return_maps = return_maps
         if caption is not None and not (
             isinstance(caption, str)
@@ -113,6 +116,7 @@ class SCFGGuidance(BaseGuidance):
             segmentor=segmentor if not isinstance(segmentor, Segmentor) else None,
             scfg_config=_json(self.scfg_config),
             goca_config=_json(self.goca_config),
+            rate_rule=json_ready(self.rate_rule.describe()),
             return_maps=return_maps,
             caption=list(caption) if isinstance(caption, tuple) else caption,
             start=start,
@@ -180,6 +184,10 @@ class SCFGGuidance(BaseGuidance):
         """`guider_config.json`, as diffusers' guiders; a `Segmentor` instance has no config to save."""
         if self.segmentor is not None and self.config["segmentor"] is None:
             raise ValueError("SCFGGuidance with a Segmentor instance cannot be saved: only 'goca', 'scfg' or None")
+        if type(self.rate_rule) is not SCFGRate:
+            raise ValueError(
+                f"SCFGGuidance with a {type(self.rate_rule).__name__} rate rule cannot be saved: SCFGRate only"
+            )
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
@@ -275,16 +283,14 @@ class SCFGGuidance(BaseGuidance):
         self._context.update(layout=layout, latent_hw=latent_hw, batch=int(sample.shape[0]))
         context = SegmentationContext(layout, latent_hw, int(sample.shape[0]), self._tokens(int(sample.shape[0])),
                                       uncond_blank=blank)  # fmt: skip
-        return SpatialGuidance(make_segmentor(self.segmentor), context, self.scfg_config or SCFGConfig())
+        return SpatialGuidance(make_segmentor(self.segmentor), context, self.rate_rule)
 
     def _final_guide(self, pred_cond: Tensor) -> SpatialGuidance:
         """The call's plan, with what the uncond branch showed (blank rows: foreground from cond, §8.2)."""
         ctx = self._context
         context = SegmentationContext(ctx["layout"], ctx["latent_hw"], ctx["batch"], self._tokens(ctx["batch"]),
                                       uncond_blank=ctx.get("blank"))  # fmt: skip
-        guide = SpatialGuidance(
-            make_segmentor(self.segmentor), context, self.scfg_config or SCFGConfig(), self.return_maps
-        )
+        guide = SpatialGuidance(make_segmentor(self.segmentor), context, self.rate_rule, self.return_maps)
         if guide.requests != self._requests:
             raise RuntimeError("the segmentor asked for other layers once it saw the uncond branch")
         self._guide = guide

@@ -28,7 +28,7 @@ from diffusers.utils import deprecate
 
 from .capture import capture_attention
 from .config import GoCAConfig, SCFGConfig
-from .guidance import SCFGStepMaps, SCFGStepRates
+from .guidance import RateRule, SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
 from .segment import Segmentor
 
@@ -55,11 +55,13 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
             `"goca"`: GoCA masks (auto head/layer aggregation + per-pixel rescaling, CVPR 2026); `"scfg"`: the
             official S-CFG masks (CVPR 2024); `None`: plain CFG, identical to `StableDiffusionPipeline`.
             Nothing is segmented when `guidance_scale <= 1`.
-        scfg_config (`SCFGConfig`, *optional*): rate clamp, cap, smoothing and the S-CFG segmentation settings.
+        scfg_config (`SCFGConfig`, *optional*): the S-CFG segmentation settings (`segmentor="scfg"`).
         goca_config (`GoCAConfig`, *optional*): GoCA settings (`GoCAConfig.vanilla()` for the Table-2 baseline).
         return_maps (`bool`, defaults to `False`): add `maps`, one `SCFGStepMaps` per denoising step, to the output.
         caption (`str` or `list[str]`, *optional*): with `prompt_embeds` and no `prompt`, the text the embeddings encode
             (one per prompt row): its tokens name the regions, as the prompt's would.
+        rate_rule (`RateRule`, *optional*): the per-pixel rate from the masks (default `SCFGRate()`: S-CFG's
+            clamp 0.8–3.0, cap 15/w and smoothing).
 
     Example:
         >>> import torch
@@ -101,6 +103,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
         goca_config: GoCAConfig | None = None,  # [S-CFG]
         return_maps: bool = False,  # [S-CFG]
         caption: str | list[str] | None = None,  # [S-CFG]
+        rate_rule: RateRule | None = None,  # [S-CFG]
         **kwargs,
     ) -> StableDiffusionSCFGPipelineOutput | tuple:  # [S-CFG]
         r"""
@@ -111,11 +114,13 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
                 `"goca"`: GoCA masks (auto head/layer aggregation + per-pixel rescaling, CVPR 2026); `"scfg"`: the
                 official S-CFG masks (CVPR 2024); a `Segmentor` instance (your own method); `None`: plain CFG,
                 identical to `StableDiffusionPipeline`. Nothing is segmented when `guidance_scale <= 1`.
-            scfg_config (`SCFGConfig`, *optional*): rate clamp, cap, smoothing and the S-CFG segmentation settings.
+            scfg_config (`SCFGConfig`, *optional*): the S-CFG segmentation settings (`segmentor="scfg"`).
             goca_config (`GoCAConfig`, *optional*): GoCA settings (`GoCAConfig.vanilla()` for the Table-2 baseline).
             return_maps (`bool`, defaults to `False`): add `maps`, one `SCFGStepMaps` per denoising step.
             caption (`str` or `list[str]`, *optional*): with `prompt_embeds` and no `prompt`, the text the embeddings
                 encode (one per prompt row): its tokens name the regions, as the prompt's would.
+            rate_rule (`RateRule`, *optional*): the per-pixel rate from the masks (default `SCFGRate()`: S-CFG's
+                clamp 0.8–3.0, cap 15/w and smoothing).
         """
 
         callback = kwargs.pop("callback", None)
@@ -169,7 +174,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
         )
         segmentor, regions = self.check_scfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
             num_inference_steps, guidance_scale, height, width, timesteps, sigmas, segmentor, scfg_config, goca_config,
-            prompt, caption, prompt_embeds,
+            prompt, caption, prompt_embeds, rate_rule,
         )  # fmt: skip
 
         self._guidance_scale = guidance_scale
@@ -266,6 +271,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
         guide = self.start_spatial_guidance(
             segmentor,
             prompt=regions,
+            rate_rule=rate_rule,
             height=height,
             width=width,
             num_images_per_prompt=num_images_per_prompt,

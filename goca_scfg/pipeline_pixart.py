@@ -29,7 +29,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
 
 from .capture import capture_attention
 from .config import GoCAConfig, SCFGConfig
-from .guidance import SCFGStepMaps, SCFGStepRates
+from .guidance import RateRule, SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
 from .segment import Segmentor
 from .tokens import PromptTokens, t5_prompt_tokens
@@ -57,11 +57,13 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
             `"goca"`: GoCA masks as the authors run them on PixArt-Sigma (algorithm.md §8.3); `None`: plain CFG,
             identical to `PixArtSigmaPipeline`. `"scfg"` is not defined for a transformer (the released S-CFG code
             reads UNet blocks) and raises. Nothing is segmented when `guidance_scale <= 1`.
-        scfg_config (`SCFGConfig`, *optional*): rate clamp, cap and smoothing.
+        scfg_config (`SCFGConfig`, *optional*): the S-CFG segmentation settings (unused: no DiT S-CFG).
         goca_config (`GoCAConfig`, *optional*): GoCA settings (`GoCAConfig.vanilla()`: the authors' vanilla config).
         return_maps (`bool`, defaults to `False`): add `maps`, one `SCFGStepMaps` per denoising step, to the output.
         caption (`str` or `list[str]`, *optional*): with `prompt_embeds` and no `prompt`, the text the embeddings encode
             (one per prompt row): its T5 tokens name the regions, as the prompt's would.
+        rate_rule (`RateRule`, *optional*): the per-pixel rate from the masks (default `SCFGRate()`: S-CFG's
+            clamp 0.8–3.0, cap 15/w and smoothing).
 
     Regions are named by the T5 tokens of the text the encoder sees (after `clean_caption`, truncated at
     `max_sequence_length`). Example:
@@ -128,6 +130,7 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
         goca_config: GoCAConfig | None = None,  # [S-CFG]
         return_maps: bool = False,  # [S-CFG]
         caption: str | list[str] | None = None,  # [S-CFG]
+        rate_rule: RateRule | None = None,  # [S-CFG]
         **kwargs,
     ) -> PixArtSigmaSCFGPipelineOutput | tuple:  # [S-CFG]
         if kwargs:  # [S-CFG] diffusers ignores unknown keywords; a misspelt S-CFG argument must not pass silently
@@ -163,7 +166,7 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
         )
         segmentor, regions = self.check_scfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
             num_inference_steps, guidance_scale, height, width, timesteps, sigmas, segmentor, scfg_config, goca_config,
-            prompt, caption, prompt_embeds,
+            prompt, caption, prompt_embeds, rate_rule,
         )  # fmt: skip
         self._guidance_scale = guidance_scale  # [S-CFG]
 
@@ -237,6 +240,7 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
         guide = self.start_spatial_guidance(
             segmentor,
             prompt=regions,
+            rate_rule=rate_rule,
             height=height,
             width=width,
             num_images_per_prompt=num_images_per_prompt,

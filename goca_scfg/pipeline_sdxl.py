@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from .capture import capture_attention
 from .config import GoCAConfig, SCFGConfig
-from .guidance import SCFGStepMaps, SCFGStepRates
+from .guidance import RateRule, SCFGStepMaps, SCFGStepRates
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
 from .segment import Segmentor
 from .tokens import clip_prompt_tokens
@@ -111,6 +111,7 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
         goca_config: GoCAConfig | None = None,  # [S-CFG]
         return_maps: bool = False,  # [S-CFG]
         caption: str | list[str] | None = None,  # [S-CFG]
+        rate_rule: RateRule | None = None,  # [S-CFG]
         **kwargs,
     ) -> StableDiffusionXLSCFGPipelineOutput | tuple:  # [S-CFG]
         r"""
@@ -121,11 +122,13 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
                 `"goca"`: GoCA masks (the authors' SDXL configuration); `"scfg"`: S-CFG's segmentation on SDXL's
                 latent/4 cross-attention (algorithm.md §8.1); a `Segmentor` instance; `None`: plain CFG, identical to
                 `StableDiffusionXLPipeline`. Nothing is segmented when `guidance_scale <= 1`.
-            scfg_config (`SCFGConfig`, *optional*): rate clamp, cap, smoothing and the S-CFG segmentation settings.
+            scfg_config (`SCFGConfig`, *optional*): the S-CFG segmentation settings (`segmentor="scfg"`).
             goca_config (`GoCAConfig`, *optional*): GoCA settings (`GoCAConfig.vanilla()` for the Table-2 baseline).
             return_maps (`bool`, defaults to `False`): add `maps`, one `SCFGStepMaps` per denoising step.
             caption (`str` or `list[str]`, *optional*): with `prompt_embeds` and no `prompt`, the text the embeddings
                 encode (one per prompt row): its tokens name the regions, as the prompt's would.
+            rate_rule (`RateRule`, *optional*): the per-pixel rate from the masks (default `SCFGRate()`: S-CFG's
+                clamp 0.8–3.0, cap 15/w and smoothing).
 
         Regions are named by the tokens of `prompt` (the first tokenizer's); `prompt_2` feeds the second encoder
         at the same token positions (algorithm.md §8.2).
@@ -178,7 +181,7 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
         )
         segmentor, regions = self.check_scfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
             num_inference_steps, guidance_scale, height, width, timesteps, sigmas, segmentor, scfg_config, goca_config,
-            prompt, caption, prompt_embeds,
+            prompt, caption, prompt_embeds, rate_rule,
         )  # fmt: skip
 
         self._guidance_scale = guidance_scale
@@ -327,6 +330,7 @@ class StableDiffusionXLSCFGPipeline(SCFGPipelineMixin, StableDiffusionXLPipeline
         guide = self.start_spatial_guidance(
             segmentor,
             prompt=regions,
+            rate_rule=rate_rule,
             height=height,
             width=width,
             num_images_per_prompt=num_images_per_prompt,

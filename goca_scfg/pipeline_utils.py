@@ -18,7 +18,7 @@ from torch import Tensor
 from .capture import AttentionRecord
 from .checks import check_call_inputs
 from .config import GoCAConfig, SCFGConfig
-from .guidance import SpatialGuidance
+from .guidance import RateRule, SpatialGuidance, rate_rule_from
 from .layout import ModelLayout, unwrap
 from .segment import Segmentor, make_segmentor
 from .segment.base import SegmentationContext
@@ -85,14 +85,16 @@ class SCFGPipelineMixin:
         prompt: str | list[str] | None,
         caption: str | list[str] | None,
         prompt_embeds: Tensor | None,
+        rate_rule: RateRule | None = None,
     ) -> tuple[Segmentor | None, str | list[str] | None]:
         """What a call adds to diffusers' `check_inputs`, before any work: the inputs diffusers lets pass (steps may
         be None with explicit `timesteps`/`sigmas`), the segmentor object checked against the denoiser, and the text
-        that names its regions (`region_text`)."""
+        that names its regions (`region_text`); a `rate_rule` of the wrong type is refused."""
         check_call_inputs(
             num_inference_steps, guidance_scale, height, width, timesteps is not None or sigmas is not None
         )
         seg = self.prepare_segmentor(segmentor, scfg_config, goca_config)
+        rate_rule_from(rate_rule)
         return seg, self.region_text(seg, prompt, caption, prompt_embeds)
 
     def region_text(
@@ -162,6 +164,7 @@ class SCFGPipelineMixin:
         negative_prompt_embeds: torch.Tensor | None = None,
         key_mask: Tensor | None = None,
         token_options: dict | None = None,
+        rate_rule: RateRule | None = None,
     ) -> SpatialGuidance:
         """Plan one call's segmentation: the segmentor object, its layers on this denoiser and the token classes.
 
@@ -170,6 +173,7 @@ class SCFGPipelineMixin:
         prompt) take the foreground from the cond branch (algorithm.md §8.2).
         key_mask: (2B, T) text positions the cross-attention attends ([uncond, cond]; the encoder attention mask of a
         T5 pipeline), None when all are attended. token_options: extra keywords of `segmentation_tokens`.
+        rate_rule: the per-pixel rate from the masks (default `SCFGRate()`, S-CFG's, algorithm.md §1.4).
         """
         seg = make_segmentor(segmentor, scfg_config, goca_config)
         if seg is None:
@@ -185,7 +189,7 @@ class SCFGPipelineMixin:
         if negative_prompt_embeds is not None:
             blank = negative_prompt_embeds.flatten(1).abs().amax(dim=1) == 0
         context = SegmentationContext(layout, latent_hw, batch_size, tokens, key_mask, blank)
-        return SpatialGuidance(seg, context, scfg_config or SCFGConfig(), return_maps=return_maps)
+        return SpatialGuidance(seg, context, rate_rule_from(rate_rule), return_maps=return_maps)
 
     def follow_guidance_scale(self, guide: SpatialGuidance | None, record: AttentionRecord | None) -> None:
         """Before each denoiser call: a guidance scale a step-end callback set to NaN or inf is refused; one at most 1

@@ -6,22 +6,11 @@ import pytest
 
 from goca_scfg.checks import check_call_inputs
 from goca_scfg.config import GoCAConfig, SCFGConfig
+from goca_scfg.guidance import SCFGRate
 
 BAD_SCFG = [
-    ({"rate_min": 0.0}, ValueError),
-    ({"rate_min": -1}, ValueError),
-    ({"rate_min": math.nan}, ValueError),
-    ({"rate_max": math.inf}, ValueError),
-    ({"rate_max": "3"}, TypeError),
-    ({"rate_max": True}, TypeError),
-    ({"cap_numerator": 0}, ValueError),
-    ({"cap_numerator": math.nan}, ValueError),
-    ({"region_eps": 0.0}, ValueError),
-    ({"region_eps": -1e-8}, ValueError),
     ({"norm_eps": 0}, ValueError),
     ({"norm_eps": math.inf}, ValueError),
-    ({"smooth_rate": 1}, TypeError),
-    ({"smooth_rate": "yes"}, TypeError),
     ({"smooth_maps": 0}, TypeError),
     ({"ssgc": "power"}, ValueError),
     ({"ssgc": ["official"]}, ValueError),
@@ -33,6 +22,22 @@ BAD_SCFG = [
     ({"ratios": (0, 8)}, ValueError),
     ({"ratios": (8, 4)}, ValueError),
     ({"ratios": (4, 4)}, ValueError),
+]
+
+BAD_RATE = [
+    ({"rate_min": 0.0}, ValueError),
+    ({"rate_min": -1}, ValueError),
+    ({"rate_min": math.nan}, ValueError),
+    ({"rate_max": math.inf}, ValueError),
+    ({"rate_max": "3"}, TypeError),
+    ({"rate_max": True}, TypeError),
+    ({"cap_numerator": 0}, ValueError),
+    ({"cap_numerator": math.nan}, ValueError),
+    ({"region_eps": 0.0}, ValueError),
+    ({"region_eps": -1e-8}, ValueError),
+    ({"rate_min": 3.5}, ValueError),  # above rate_max
+    ({"smooth": 1}, TypeError),
+    ({"smooth": "yes"}, TypeError),
 ]
 
 BAD_GOCA = [
@@ -83,6 +88,12 @@ def test_scfg_config_refuses_bad_field(kwargs, error):
         SCFGConfig(**kwargs)
 
 
+@pytest.mark.parametrize(("kwargs", "error"), BAD_RATE, ids=[repr(k) for k, _ in BAD_RATE])
+def test_rate_rule_refuses_bad_field(kwargs, error):
+    with pytest.raises(error, match=rf"SCFGRate\.{_field(kwargs)}"):
+        SCFGRate(**kwargs)
+
+
 @pytest.mark.parametrize(("kwargs", "error"), BAD_GOCA, ids=[repr(k) for k, _ in BAD_GOCA])
 def test_goca_config_refuses_bad_field(kwargs, error):
     with pytest.raises(error, match=rf"GoCAConfig\.{_field(kwargs)}"):
@@ -90,7 +101,7 @@ def test_goca_config_refuses_bad_field(kwargs, error):
 
 
 def test_good_values_are_accepted_and_normalised():
-    assert SCFGConfig(rate_min=1, rate_max=3, cap_numerator=15).rate_max == 3
+    assert SCFGRate(rate_min=1, rate_max=3, cap_numerator=15).rate_max == 3
     assert SCFGConfig(ratios=[4, 8]).ratios == (4, 8)
     assert SCFGConfig(ratios=(8,)).ratios == (8,)
     cfg = GoCAConfig(self_layers=["up_blocks.3.attentions.0"], cross_layers=["down_blocks.0.attentions.0"])

@@ -458,7 +458,7 @@ def test_call_signature_and_components(h):
     stock = [p for p in inspect.signature(h.case.stock.__call__).parameters.values() if p.kind != p.VAR_KEYWORD]
     assert [(p.name, p.default) for p in ours[: len(stock)]] == [(p.name, p.default) for p in stock]
     new = [p.name for p in ours[len(stock) :] if p.kind != p.VAR_KEYWORD]
-    assert new == ["segmentor", "scfg_config", "goca_config", "return_maps", "caption"]
+    assert new == ["segmentor", "scfg_config", "goca_config", "return_maps", "caption", "rate_rule"]
     assert h.pipe.components.keys() == h.stock.components.keys()
     assert h.case.pipeline._optional_components == h.case.stock._optional_components
     tensor_inputs = "_callback_tensor_inputs"  # PixArt: none (no callback_on_step_end)

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from goca_scfg.config import SCFGConfig
-from goca_scfg.guidance import clip_rate, combine_guidance, guidance_norm, rate_map, region_rate
+from goca_scfg.guidance import SCFGRate, clip_rate, combine_guidance, guidance_norm, rate_map, region_rate
 from goca_scfg.ops import scfg_blur_taps, smooth
 
 
@@ -47,7 +46,7 @@ def test_constant_norm_gives_plain_cfg(seed, w):
     delta = direction / guidance_norm(direction) * 0.7
     masks = _random_masks(2, 6, 8, 8, gen)
     fg = (torch.rand(2, 1, 8, 8, generator=gen) > 0.3).float()
-    rate = rate_map(delta, masks, fg, w, SCFGConfig())
+    rate = rate_map(delta, masks, fg, w, SCFGRate())
     torch.testing.assert_close(rate, torch.ones_like(rate), atol=1e-5, rtol=0)
     out = combine_guidance(eps_u, eps_u + delta, w, rate)
     torch.testing.assert_close(out, eps_u + w * delta, atol=1e-5, rtol=1e-5)
@@ -60,7 +59,7 @@ def test_single_region_full_foreground_gives_cfg():
     masks = torch.zeros(1, 4, 8, 8)
     masks[:, 2] = 1
     fg = torch.ones(1, 1, 8, 8)
-    rate = rate_map(delta, masks, fg, 5.0, SCFGConfig())
+    rate = rate_map(delta, masks, fg, 5.0, SCFGRate())
     torch.testing.assert_close(rate, torch.ones_like(rate), atol=1e-6, rtol=0)
 
 
@@ -80,8 +79,8 @@ def test_rate_invariant_to_delta_scale(c):
     delta = torch.randn(2, 4, 8, 8, generator=gen)
     masks = _random_masks(2, 4, 8, 8, gen)
     fg = (torch.rand(2, 1, 8, 8, generator=gen) > 0.5).float()
-    r1 = rate_map(delta, masks, fg, 3.0, SCFGConfig())
-    r2 = rate_map(delta * c, masks, fg, 3.0, SCFGConfig())
+    r1 = rate_map(delta, masks, fg, 3.0, SCFGRate())
+    r2 = rate_map(delta * c, masks, fg, 3.0, SCFGRate())
     torch.testing.assert_close(r1, r2, atol=1e-5, rtol=1e-5)
 
 
@@ -92,18 +91,18 @@ def test_rate_bounds(w):
     delta = torch.randn(3, 4, 12, 12, generator=gen) * torch.rand(3, 1, 12, 12, generator=gen) * 10
     masks = _random_masks(3, 7, 12, 12, gen)
     fg = (torch.rand(3, 1, 12, 12, generator=gen) > 0.7).float()
-    rate = rate_map(delta, masks, fg, w, SCFGConfig())
+    rate = rate_map(delta, masks, fg, w, SCFGRate())
     lo, hi = min(0.8, 15 / w), min(3.0, 15 / w)
     assert rate.min() >= lo - 1e-6 and rate.max() <= hi + 1e-6
-    raw = clip_rate(region_rate(guidance_norm(delta), masks, fg), w, SCFGConfig())
+    raw = clip_rate(region_rate(guidance_norm(delta), masks, fg), w, SCFGRate())
     assert raw.min() >= lo - 1e-6 and raw.max() <= hi + 1e-6
 
 
 def test_clip_order_clamp_then_cap():
     """§5.10: clamp to [0.8, 3] first, then the 15/w cap, which may go below 0.8."""
     rate = torch.tensor([0.1, 1.0, 5.0]).view(1, 1, 1, 3)
-    assert clip_rate(rate, 30.0, SCFGConfig()).flatten().tolist() == [0.5, 0.5, 0.5]
-    assert clip_rate(rate, 7.5, SCFGConfig()).flatten().tolist() == pytest.approx([0.8, 1.0, 2.0])
+    assert clip_rate(rate, 30.0, SCFGRate()).flatten().tolist() == [0.5, 0.5, 0.5]
+    assert clip_rate(rate, 7.5, SCFGRate()).flatten().tolist() == pytest.approx([0.8, 1.0, 2.0])
 
 
 def test_kernel_taps_and_constant_smoothing():
@@ -119,3 +118,27 @@ def test_kernel_taps_and_constant_smoothing():
     assert out[2, 2].item() == pytest.approx(0.331911, abs=1e-6)
     assert out[1, 2].item() == pytest.approx(0.122103, abs=1e-6)
     assert out[1, 1].item() == pytest.approx(0.044919, abs=1e-6)
+
+
+def test_a_rate_rule_is_a_class_and_unit_rate_is_plain_cfg():
+    """A variant is a `RateRule` subclass: r ≡ 1 through the segmenting pipeline gives plain CFG bit for bit (same
+    instance, same shapes), and S-CFG's default rule changes the image."""
+    from dataclasses import dataclass
+
+    from goca_scfg.guidance import RateRule
+    from goca_scfg.testing import tiny_pipeline
+
+    @dataclass(frozen=True)
+    class UnitRate(RateRule):
+        def __call__(self, delta, masks, fg, guidance_scale):
+            return torch.ones_like(fg, dtype=torch.float32)
+
+    pipe = tiny_pipeline()
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="latent", guidance_scale=7.5)
+    plain = pipe("a red dog", generator=torch.Generator().manual_seed(0), segmentor=None, **kw).images
+    unit = pipe("a red dog", generator=torch.Generator().manual_seed(0), rate_rule=UnitRate(), **kw).images
+    scfg = pipe("a red dog", generator=torch.Generator().manual_seed(0), rate_rule=SCFGRate(), **kw).images
+    assert torch.equal(unit, plain) and not torch.equal(scfg, plain)
+    assert UnitRate().describe() == {"rule": "UnitRate"} and SCFGRate().describe()["cap_numerator"] == 15.0
+    with pytest.raises(TypeError, match="rate_rule must be a RateRule"):
+        pipe("a red dog", rate_rule={"rate_min": 1.0}, **kw)

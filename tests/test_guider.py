@@ -102,6 +102,7 @@ def test_goca_without_caption_says_so(modular):
 
 def test_saves_and_loads_like_diffusers_guiders(tmp_path):
     from goca_scfg import GoCAConfig, SCFGConfig
+    from goca_scfg.guidance import SCFGRate
 
     guider = SCFGGuidance(guidance_scale=4.0, segmentor="scfg", scfg_config=SCFGConfig.paper(),
                           goca_config=GoCAConfig.vanilla(), return_maps=True, caption=PROMPTS, stop=0.8)  # fmt: skip
@@ -110,7 +111,11 @@ def test_saves_and_loads_like_diffusers_guiders(tmp_path):
     assert loaded.config == guider.config
     assert loaded.scfg_config == SCFGConfig.paper() and loaded.goca_config == GoCAConfig.vanilla()
     assert loaded.segmentor.name == "scfg" and loaded.caption == PROMPTS and loaded._stop == 0.8
+    assert loaded.rate_rule == guider.rate_rule
     assert type(guider.new(guidance_scale=2.0)) is SCFGGuidance
+    rule = SCFGRate(rate_max=2.0, smooth=False)
+    SCFGGuidance(rate_rule=rule).save_pretrained(tmp_path / "rule")
+    assert SCFGGuidance.from_pretrained(tmp_path / "rule").rate_rule == rule
     with pytest.raises(ValueError, match="unknown segmentor"):
         SCFGGuidance(segmentor="sfcg")
     with pytest.raises(TypeError, match="caption must be"):
