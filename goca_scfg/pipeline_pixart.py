@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import PixArtSigmaPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
     ASPECT_RATIO_256_BIN,
@@ -76,6 +77,8 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
     """
 
     denoiser_name = "transformer"
+    # Our addition: PixArtSigmaPipeline has no step-end callback (it swallows `callback_on_step_end` unused).
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "prompt_attention_mask"]
 
     @property
     def guidance_scale(self) -> float:
@@ -131,6 +134,11 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
         return_maps: bool = False,  # [S-CFG]
         caption: str | list[str] | None = None,  # [S-CFG]
         rate_rule: RateRule | None = None,  # [S-CFG]
+        callback_on_step_end: Callable[[int, int], None]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,  # [S-CFG]
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # [S-CFG]
         **kwargs,
     ) -> PixArtSigmaSCFGPipelineOutput | tuple:  # [S-CFG]
         if kwargs:  # [S-CFG] diffusers ignores unknown keywords; a misspelt S-CFG argument must not pass silently
@@ -164,6 +172,9 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
             prompt_attention_mask,
             negative_prompt_attention_mask,
         )
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):  # [S-CFG] as StableDiffusion
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_step_end_callback(callback_on_step_end_tensor_inputs)
         segmentor, regions = self.check_scfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
             num_inference_steps, guidance_scale, height, width, timesteps, sigmas, segmentor, scfg_config, goca_config,
             prompt, caption, prompt_embeds, rate_rule,
@@ -259,7 +270,8 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
 
         with capture as record, self.progress_bar(total=num_inference_steps) as progress_bar:  # [S-CFG] capture
             for i, t in enumerate(timesteps):
-                latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+                self.follow_guidance_scale(guide, record)  # [S-CFG] a callback may switch CFG off (or break it)
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
 
                 current_timestep = t
@@ -289,12 +301,12 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
                 )[0]
 
                 # perform guidance
-                if do_classifier_free_guidance:
+                if self.do_classifier_free_guidance:  # [S-CFG] the scale a step-end callback may have changed
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     if guide is not None:  # [S-CFG] per-region scale from this call's attention, all 8 channels
-                        noise_pred = guide(i, t, record, noise_pred_uncond, noise_pred_text, guidance_scale)
+                        noise_pred = guide(i, t, record, noise_pred_uncond, noise_pred_text, self._guidance_scale)
                     else:
-                        noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                        noise_pred = noise_pred_uncond + self._guidance_scale * (noise_pred_text - noise_pred_uncond)
 
                 # learned sigma
                 if self.transformer.config.out_channels // 2 == latent_channels:
@@ -304,6 +316,14 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
 
                 # compute previous image: x_t -> x_t-1
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:  # [S-CFG] StableDiffusionPipeline's step-end callback
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    prompt_attention_mask = callback_outputs.pop("prompt_attention_mask", prompt_attention_mask)
 
                 # call the callback, if provided
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):

@@ -97,6 +97,15 @@ class SCFGPipelineMixin:
         rate_rule_from(rate_rule)
         return seg, self.region_text(seg, prompt, caption, prompt_embeds)
 
+    def check_step_end_callback(self, tensor_inputs: list[str] | None) -> None:
+        """The tensors a step-end callback asks for must be ones the loop hands out (`_callback_tensor_inputs`)."""
+        allowed = getattr(self, "_callback_tensor_inputs", [])
+        if tensor_inputs is not None and not set(tensor_inputs) <= set(allowed):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(set(tensor_inputs) - set(allowed))} are not handed to "
+                f"callbacks; allowed: {allowed}"
+            )
+
     def region_text(
         self,
         segmentor: Segmentor | None,
