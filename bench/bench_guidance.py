@@ -1,9 +1,10 @@
 """Time and peak memory of S-CFG and GoCA guidance against plain CFG, measured in the same run on one device.
 
-Builds a pipeline of real size with random weights (`--arch sd15`: the published SD v1.5 UNet / VAE / text-encoder
-configs; `--arch sdxl`: SDXL base 1.0's, with `StableDiffusionXLSCFGPipeline`; the offline CLIP tokenizer; random
-weights time exactly like real ones), or loads real weights with --model (the SCFG pipeline class is picked from
-its model_index.json).
+Builds a pipeline of real size with random weights of a registered model family (goca_scfg/families/; `--arch sd15`:
+the published SD v1.5 UNet / VAE / text-encoder configs; `--arch sdxl`: SDXL base 1.0's; `--arch pixart-sigma`:
+PixArt-Sigma-XL-2's transformer; random weights time exactly like real ones), or loads real weights with --model
+(the SCFG pipeline class is picked from its model_index.json). The family also gives the default cases, steps, dtype
+and methods, and the keywords of every call.
 For every case (size × batch) and method it reports the median seconds per image over repeats, the peak device
 memory, and both as ratios to plain CFG (`segmentor=None`). With --profile it attributes the per-step cost of the
 segmentation stages (torch.profiler labels `goca_scfg::*`). With --agreement it measures the per-step label
@@ -30,45 +31,18 @@ from dataclasses import dataclass
 
 import torch
 
-from goca_scfg import (
-    AttentionRecord,
-    PixArtSigmaSCFGPipeline,
-    StableDiffusionSCFGPipeline,
-    StableDiffusionXLSCFGPipeline,
-    capture_attention,
-)
-from goca_scfg.loading import load_pipeline, swap_scheduler
-from goca_scfg.testing import (
-    pixart_sigma_random_components,
-    sd15_random_components,
-    sdxl_random_components,
-    tiny_components,
-    tiny_pixart_components,
-    tiny_xl_components,
-)
+from goca_scfg import AttentionRecord, capture_attention
+from goca_scfg.families import FAMILIES, Family, family_of
+from goca_scfg.loading import load_pipeline, model_family, swap_scheduler
 from goca_scfg.vocab import BASELINE, DTYPE_NAMES, METHOD_NAMES, SCHEDULER_NAMES, get_method, torch_dtype
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ is no package: its sibling step_flops
 import step_flops  # noqa: E402
 
 DEFAULT_METHODS = (BASELINE, "scfg", "goca", "goca-fast")
-# --arch → (pipeline class, real-size random components, tiny components, default cases)
-ARCHS = {
-    "sd15": (StableDiffusionSCFGPipeline, sd15_random_components, tiny_components, "512b1,512b8,1024b1"),
-    "sdxl": (StableDiffusionXLSCFGPipeline, sdxl_random_components, tiny_xl_components, "1024b1"),
-    # PixArt-Sigma-XL-2's transformer (the 512-MS config; other sizes by position-embedding interpolation, no
-    # resolution binning, so the case size is what is measured) with SDXL's VAE and a one-layer full-width T5
-    "pixart-sigma": (
-        PixArtSigmaSCFGPipeline,
-        pixart_sigma_random_components,
-        tiny_pixart_components,
-        "512b1,512b8,1024b1",
-    ),
-}
-# what each arch can run: S-CFG has no DiT segmentation, and PixArt's pipeline has no step-end callback (which the
-# profile's record size, the label agreement and the FLOP count ride on)
-ARCH_METHODS = {"pixart-sigma": (BASELINE, "goca", "goca-fast")}
-NO_CALLBACK_ARCHS = {"pixart-sigma"}
+# --arch → model family (goca_scfg/families/): pipeline class, real-size and tiny random components, default cases,
+# steps and dtype, the methods it can run, whether --profile/--agreement run on it, extra call keywords
+ARCHS: dict[str, Family] = {family.name: family for family in FAMILIES}
 PROMPT = "a photograph of an astronaut riding a horse on the beach"
 
 
@@ -85,13 +59,13 @@ class Case:
 
 def build_pipeline(args):
     dtype = torch_dtype(args.dtype)
-    cls, real_size, tiny, _ = ARCHS[args.arch]
+    family = ARCHS[args.arch]
     if args.tiny:
-        pipe = cls(**tiny()).to(args.device)
+        pipe = family.pipeline_class()(**family.build_tiny_components()).to(args.device)
     elif args.model:
         pipe = load_pipeline(args.model, torch_dtype=dtype, device=args.device)
     else:
-        pipe = cls(**real_size()).to(device=args.device, dtype=dtype)
+        pipe = family.pipeline_class()(**family.build_random_components()).to(device=args.device, dtype=dtype)
     swap_scheduler(pipe, args.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -112,7 +86,7 @@ def _generate(pipe, case: Case, steps: int, **kwargs) -> None:
         guidance_scale=7.5,
         generator=[torch.Generator().manual_seed(i) for i in range(case.batch)],
         output_type="latent",
-        **({"use_resolution_binning": False} if isinstance(pipe, PixArtSigmaSCFGPipeline) else {}),
+        **family_of(pipe).bench.call_kwargs,
         **kwargs,
     )
 
@@ -273,15 +247,18 @@ def count_flops(args, cases: list[Case], methods: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=tuple(ARCHS), default="sd15", help="architecture of the random weights")
+    arch_help = (
+        f"model family (default: --model's, else {FAMILIES[0].name}); it sets the default cases, steps, methods"
+    )
+    parser.add_argument("--arch", choices=tuple(ARCHS), default=None, help=arch_help)
     parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU, a few steps (smoke mode)")
     parser.add_argument("--model", default=None, help="real weights (hub id or path); default: random weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default by --arch (fp16)")
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="default")
     parser.add_argument("--cases", default=None, help="comma list of SIZE[xW]bBATCH; default by --arch")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {','.join(METHOD_NAMES)}")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=None, help="default by --arch (50)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="per-stage profile of scfg and goca")
@@ -291,25 +268,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--flops", action="store_true", help="count FLOPs per denoising step instead of timing")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     args = parser.parse_args(argv)
+    if args.arch is None:
+        args.arch = model_family(args.model).name if args.model else FAMILIES[0].name
+    shapes = ARCHS[args.arch].bench
     if args.tiny:
         args.device, args.dtype = "cpu", "fp32"
         if args.cases is None:
             args.cases = "128b1,128b2"
-        if args.steps == parser.get_default("steps"):
+        if args.steps is None:
             args.steps = 3
         args.warmup_steps, args.profile_steps, args.agreement_steps = 1, 2, min(args.agreement_steps, 4)
         args.repeats = min(args.repeats, 2)
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.arch in ARCH_METHODS and args.methods == parser.get_default("methods"):
-        args.methods = ",".join(ARCH_METHODS[args.arch])
-    if args.arch in NO_CALLBACK_ARCHS and (args.profile or args.agreement or args.flops):
-        parser.error(f"--arch {args.arch}: --profile, --agreement and --flops need a step-end callback it lacks")
+    args.steps = shapes.steps if args.steps is None else args.steps
+    args.dtype = args.dtype or shapes.dtype
+    if shapes.methods and args.methods == parser.get_default("methods"):
+        args.methods = ",".join(shapes.methods)
+    if not shapes.profile and (args.profile or args.agreement):
+        parser.error(f"--arch {args.arch}: --profile and --agreement do not run on this model family yet")
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = set(methods) - set(METHOD_NAMES)
     if unknown or methods[0] != BASELINE:
         parser.error(f"--methods must start with {BASELINE} (the baseline) and use {METHOD_NAMES}; got {methods}")
-    cases = parse_cases(args.cases or ARCHS[args.arch][3])
+    cases = parse_cases(args.cases or shapes.cases)
     if args.flops:
         return count_flops(args, cases, methods)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"

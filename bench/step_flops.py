@@ -23,8 +23,12 @@ no FLOP count depending on attention values (it depends on shapes and token mask
 everything on the CPU (slow at real sizes) and the tests check on the tiny models that both modes count the same.
 The uncounted element-wise work still runs: on 2 CPU cores a row takes 10 s (512², CFG) to 6 min (1024², GoCA).
 
+`--arch` is a registered model family (goca_scfg/families/: its builders, denoiser and default sizes); on a tree
+older than the registry, sd15 and sdxl by their old names.
+
   python bench/step_flops.py --arch sd15 --sizes 512,768,1024
   python bench/step_flops.py --arch sdxl --sizes 1024
+  python bench/step_flops.py --arch pixart-sigma --sizes 512,1024
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -164,6 +169,7 @@ def count_step(pipe, height: int, width: int, batch: int, **call_kwargs) -> dict
             num_inference_steps=1,
             guidance_scale=7.5,
             output_type="latent",
+            **_call_kwargs(pipe),
             **call_kwargs,
         )
     except _StepCounted:
@@ -189,33 +195,83 @@ def method_kwargs(name: str) -> dict:
     return get_method(name).pipeline_kwargs()
 
 
+# Trees older than the family registry (goca_scfg/families/, for before/after runs): arch → (pipeline class,
+# tiny builder, real-size builder) by name in goca_scfg and goca_scfg.testing; their denoiser is a UNet.
+_LEGACY_ARCHS = {
+    "sd15": ("StableDiffusionSCFGPipeline", "tiny_components", "sd15_random_components"),
+    "sdxl": ("StableDiffusionXLSCFGPipeline", "tiny_xl_components", "sdxl_random_components"),
+}
+
+
+def _registry():
+    """The model family registry of the goca_scfg being counted, or None for a tree older than it. (An editable
+    install would otherwise hand this checkout's goca_scfg.families to an older tree put first on PYTHONPATH.)"""
+    import goca_scfg
+
+    try:
+        import goca_scfg.families as families
+    except ImportError:
+        return None
+    same_tree = os.path.dirname(os.path.dirname(families.__file__)) == os.path.dirname(goca_scfg.__file__)
+    return families if same_tree else None
+
+
+def arch_names() -> tuple[str, ...]:
+    """The `--arch` choices: the registered model families (the legacy pair on older trees)."""
+    registry = _registry()
+    return registry.family_names() if registry else tuple(_LEGACY_ARCHS)
+
+
+def _arch(arch: str, tiny: bool):
+    """(pipeline class, component builder, denoiser component name, default sizes, methods it runs or None) of an
+    architecture."""
+    registry = _registry()
+    if registry is None:
+        return _legacy_arch(arch, tiny)
+    family = registry.family_named(arch)
+    build = registry.resolve(family.tiny_components if tiny else family.random_components)
+    return family.pipeline_class(), build, family.denoiser, family.bench.flops_sizes, family.bench.methods
+
+
+def _legacy_arch(arch: str, tiny: bool):
+    """`_arch` on a tree without goca_scfg.families."""
+    import goca_scfg
+    import goca_scfg.testing as testing
+
+    if arch not in _LEGACY_ARCHS:
+        raise ValueError(f"unknown arch {arch!r} in a tree without goca_scfg.families; use {tuple(_LEGACY_ARCHS)}")
+    cls, small, big = _LEGACY_ARCHS[arch]
+    build = getattr(testing, small if tiny else big)
+    return getattr(goca_scfg, cls), lambda: build(scheduler="ddim"), "unet", "1024" if arch == "sdxl" else None, None
+
+
+def _call_kwargs(pipe) -> dict:
+    """Keywords every counted call of this pipeline takes (its family's bench `call_kwargs`; none on older trees)."""
+    registry = _registry()
+    return dict(registry.family_of(pipe).bench.call_kwargs) if registry else {}
+
+
 def build_pipeline(arch: str, mode: str = "shapes", tiny: bool = False):
     """A random-weight pipeline of the architecture's real sizes (or the tiny one) on the CPU; in "shapes" mode
     its denoiser is on the meta device (never materialised) and its scheduler is DDIM (see the module docstring)."""
-    import goca_scfg.testing as testing
+    from diffusers import DDIMScheduler
 
-    if arch == "sdxl":
-        from goca_scfg import StableDiffusionXLSCFGPipeline as cls
-
-        build = testing.tiny_xl_components if tiny else testing.sdxl_random_components
-    else:
-        from goca_scfg import StableDiffusionSCFGPipeline as cls
-
-        build = testing.tiny_components if tiny else testing.sd15_random_components
+    cls, build, denoiser, _, _ = _arch(arch, tiny)
     if mode == "real":
         pipe = cls(**build())
     else:
         with torch.device("meta"):
-            components = build(scheduler="ddim")  # every module on meta; all but the denoiser rebuilt on the CPU
+            components = build()  # every module on meta; all but the denoiser rebuilt on the CPU
         torch.manual_seed(0)
         for name, module in components.items():
-            if isinstance(module, torch.nn.Module) and name != "unet":
+            if isinstance(module, torch.nn.Module) and name != denoiser:
                 components[name] = (
                     type(module).from_config(module.config)
                     if hasattr(module, "from_config")
                     else type(module)(module.config)
                 ).eval()
-        components["scheduler"] = testing.make_scheduler("ddim")
+        # DDIM on the model's own noise schedule (no scheduler adds counted FLOPs; the step ends the count)
+        components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, clip_sample=False)
         pipe = cls(**components)
         set_timesteps = pipe.scheduler.set_timesteps  # timesteps stay CPU values (the loop reads int(t))
         pipe.scheduler.set_timesteps = lambda steps, device=None, **kwargs: set_timesteps(steps, **kwargs)
@@ -263,16 +319,26 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15")
+    archs = arch_names()
+    parser.add_argument("--arch", choices=archs, default=archs[0], help="a registered model family")
     parser.add_argument("--tiny", action="store_true", help="the tiny random model of the architecture")
     parser.add_argument("--mode", choices=("shapes", "real"), default="shapes", help="see the module docstring")
-    parser.add_argument("--sizes", default=None, help="comma list of SIZE[xW]; default 512,768,1024 (sdxl: 1024)")
+    parser.add_argument("--sizes", default=None, help="comma list of SIZE[xW]; default by --arch (sd15: 512,768,1024)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (the denoiser sees twice as many)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list, plain CFG first")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma list, plain CFG first (default: {','.join(METHODS)}, those the arch runs)",
+    )
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    sizes = parse_sizes(args.sizes or ("1024" if args.arch == "sdxl" else "512,768,1024"))
-    methods = [m.strip() for m in args.methods.split(",")]
+    _, _, _, default_sizes, runs = _arch(args.arch, args.tiny)
+    sizes = parse_sizes(args.sizes or default_sizes or "512,768,1024")
+    methods = (
+        [m.strip() for m in args.methods.split(",")]
+        if args.methods
+        else [m for m in METHODS if m in (runs or METHODS)]
+    )
     if methods[0] != "cfg":
         parser.error(f"--methods must start with cfg (the baseline); got {methods}")
     import goca_scfg

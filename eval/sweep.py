@@ -37,14 +37,8 @@ from typing import Any, Literal
 
 import torch
 
-from goca_scfg.loading import (
-    PIXART_SIGMA_MODEL_ID,
-    SD15_MODEL_ID,
-    SDXL_MODEL_ID,
-    load_pipeline,
-    native_size,
-    swap_scheduler,
-)
+from goca_scfg.families import FAMILIES
+from goca_scfg.loading import SD15_MODEL_ID, load_pipeline, native_size, swap_scheduler
 from goca_scfg.vocab import (
     AUTO_DTYPE,
     DTYPE_NAMES,
@@ -118,30 +112,13 @@ class Preset:
     seeds: tuple[int, ...]
 
 
+# Each model family's protocols (goca_scfg/families/: "paper" and "per-image" on SD v1.5, "sdxl", "pixart-sigma").
 PRESETS: dict[str, Preset] = {
-    # algorithm.md §3.2: SD v1.5, fp16, 512² (native size), 50 steps, the model's PNDM, seed 42 for every caption.
-    "paper": Preset(GenerationSettings(), ("cfg", "scfg", "goca"), (2.0, 3.0, 5.0, 7.5, 10.0), (42,)),
-    # As "paper" but every caption gets its own noise, drawn on the CPU so that any device reproduces it.
-    "per-image": Preset(
-        GenerationSettings(seed_mode="per-image", generator_device="cpu"),
-        ("cfg", "scfg", "goca"),
-        (2.0, 3.0, 5.0, 7.5, 10.0),
-        (42,),
-    ),
-    # SDXL base 1.0 at its native 1024², fp16, the model's own scheduler (Euler, as its model card runs it) and
-    # the same 50 steps, scales and seed as "paper", so the two models' tables compare row for row.
-    "sdxl": Preset(
-        GenerationSettings(model=SDXL_MODEL_ID), ("cfg", "scfg", "goca"), (2.0, 3.0, 5.0, 7.5, 10.0), (42,)
-    ),
-    # algorithm.md §8.3, as the authors generate with PixArt-Sigma (generate_for_fid_sigma.py L417-479): the 512-MS
-    # model, fp16, 512², its own DPM-Solver++, 20 steps, seed 42 for every caption. S-CFG's released code has no
-    # DiT segmentation, so the S-CFG baseline is GoCA's vanilla config, as in their PixArt runs.
-    "pixart-sigma": Preset(
-        GenerationSettings(model=PIXART_SIGMA_MODEL_ID, steps=20, height=512, width=512),
-        ("cfg", "goca-vanilla", "goca"),
-        (2.0, 3.0, 5.0, 7.5, 10.0),
-        (42,),
-    ),
+    preset.name: Preset(
+        GenerationSettings(model=family.model_id, **preset.settings), preset.methods, preset.scales, preset.seeds
+    )
+    for family in FAMILIES
+    for preset in family.sweep_presets
 }
 
 

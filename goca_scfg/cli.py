@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checks import check_float, check_int
+from .families import FAMILIES
 from .loading import TINY_MODELS
 from .vocab import DTYPE_NAMES, METHOD_ALIASES, METHOD_NAMES, SCHEDULER_NAMES, get_method, torch_dtype
 
@@ -76,6 +77,12 @@ def _size(text: str) -> int:
     return value
 
 
+def _titles() -> str:
+    """The registered model families, "A, B or C"."""
+    titles = [f.title for f in FAMILIES]
+    return ", ".join(titles[:-1]) + " or " + titles[-1] if len(titles) > 1 else titles[0]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="goca-scfg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -84,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         required=True,
-        help="hub id or local folder of a diffusers SD 1.x/2.x, SDXL or PixArt-Sigma model (its model_index.json "
-        f"picks the pipeline), or an offline tiny model: {', '.join(TINY_MODELS)}",
+        help=f"hub id or local folder of a diffusers {_titles()} model (its model_index.json picks the pipeline), "
+        f"or an offline tiny model: {', '.join(TINY_MODELS)}",
     )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)

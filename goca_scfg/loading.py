@@ -1,39 +1,39 @@
 """Loading an SCFG pipeline for a model name: the SCFG class that matches the model's `model_index.json`
-(`StableDiffusionPipeline` → `StableDiffusionSCFGPipeline`, …), or one of the offline tiny random models.
+(`StableDiffusionPipeline` → `StableDiffusionSCFGPipeline`, …), or one of the offline tiny random models; both
+tables come from the model family registry (goca_scfg/families/).
 
 Used by the CLI, the evaluation sweep and the benchmarks, so `--model` means the same everywhere.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
-SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
-PIXART_SIGMA_MODEL_ID = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"  # the authors' PixArt-Sigma (algorithm.md §8.3)
+from .families import FAMILIES, Family, family_of, resolve, tiny_models
+from .families.pixart import PIXART_SIGMA_MODEL_ID
+from .families.sd import SD15_MODEL_ID
+from .families.sdxl import SDXL_MODEL_ID
 
-# diffusers pipeline class named in model_index.json → our subclass ("module:attribute", imported when used)
-SCFG_PIPELINES: dict[str, str] = {
-    "StableDiffusionPipeline": "goca_scfg.pipeline:StableDiffusionSCFGPipeline",
-    "StableDiffusionSCFGPipeline": "goca_scfg.pipeline:StableDiffusionSCFGPipeline",
-    "StableDiffusionXLPipeline": "goca_scfg.pipeline_sdxl:StableDiffusionXLSCFGPipeline",
-    "StableDiffusionXLSCFGPipeline": "goca_scfg.pipeline_sdxl:StableDiffusionXLSCFGPipeline",
-    "PixArtSigmaPipeline": "goca_scfg.pipeline_pixart:PixArtSigmaSCFGPipeline",
-    "PixArtSigmaSCFGPipeline": "goca_scfg.pipeline_pixart:PixArtSigmaSCFGPipeline",
-}
+# diffusers pipeline class named in model_index.json → our subclass ("module:attribute", imported when used); from
+# the family registry (goca_scfg/families/)
+SCFG_PIPELINES: dict[str, str] = {name: f.pipeline for f in FAMILIES for name in f.class_names}
 # offline tiny random models (no download): name → builder(seed, scheduler, torch_dtype) of a ready pipeline
-TINY_MODELS: dict[str, str] = {
-    "tiny-random": "goca_scfg.testing:tiny_pipeline",
-    "tiny-random-xl": "goca_scfg.testing:tiny_xl_pipeline",
-    "tiny-random-pixart": "goca_scfg.testing:tiny_pixart_pipeline",
-}
+TINY_MODELS: dict[str, str] = tiny_models()
 
-
-def _resolve(target: str):
-    module, attr = target.split(":")
-    return getattr(importlib.import_module(module), attr)
+__all__ = [
+    "PIXART_SIGMA_MODEL_ID",
+    "SCFG_PIPELINES",
+    "SD15_MODEL_ID",
+    "SDXL_MODEL_ID",
+    "TINY_MODELS",
+    "load_pipeline",
+    "model_class_name",
+    "model_family",
+    "native_size",
+    "scfg_pipeline_class",
+    "swap_scheduler",
+]
 
 
 def model_class_name(model: str) -> str:
@@ -58,19 +58,28 @@ def model_class_name(model: str) -> str:
         return json.load(f)["_class_name"]
 
 
+def model_family(model: str) -> Family:
+    """The model family of a tiny model name, model folder or hub id (by its `model_index.json`)."""
+    for family in FAMILIES:
+        if model in family.tiny_models:
+            return family
+    name = model_class_name(model)
+    try:
+        return family_of(name)
+    except ValueError:
+        raise ValueError(f"model {model!r} is a {name}; SCFG pipelines exist for {sorted(SCFG_PIPELINES)}") from None
+
+
 def scfg_pipeline_class(model: str) -> type:
     """Our SCFG pipeline class for a model folder or hub id, by its `model_index.json`."""
-    name = model_class_name(model)
-    if name not in SCFG_PIPELINES:
-        raise ValueError(f"model {model!r} is a {name}; SCFG pipelines exist for {sorted(set(SCFG_PIPELINES))}")
-    return _resolve(SCFG_PIPELINES[name])
+    return model_family(model).pipeline_class()
 
 
 def load_pipeline(model: str, torch_dtype=None, device: str | None = None, **kwargs):
     """`from_pretrained(model)` on the matching SCFG pipeline class (hub id or local path), or a tiny offline model
     (`TINY_MODELS`); safety checkers are not loaded (`safety_checker=None` where the pipeline has one)."""
     if model in TINY_MODELS:
-        pipe = _resolve(TINY_MODELS[model])(torch_dtype=torch_dtype)
+        pipe = resolve(TINY_MODELS[model])(torch_dtype=torch_dtype)
     else:
         cls = scfg_pipeline_class(model)
         if "safety_checker" in cls._optional_components:

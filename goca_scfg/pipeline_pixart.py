@@ -88,6 +88,11 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
     def do_classifier_free_guidance(self) -> bool:
         return self._guidance_scale > 1.0
 
+    @property
+    def num_timesteps(self) -> int:
+        """The denoising loop's length (set by `__call__`), as on the Stable Diffusion pipelines, for callbacks."""
+        return self._num_timesteps
+
     def segmentation_tokens(
         self,
         prompt: str | list[str] | None,
@@ -267,6 +272,7 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
 
         # 7. Denoising loop
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        self._num_timesteps = len(timesteps)  # [S-CFG] for step-end callbacks (`num_timesteps`)
 
         with capture as record, self.progress_bar(total=num_inference_steps) as progress_bar:  # [S-CFG] capture
             for i, t in enumerate(timesteps):

@@ -1,7 +1,8 @@
 """Offline fixtures: tiny seeded diffusers components and a real CLIP tokenizer built from open_clip's vocab.
 
-Used by the tests, the benchmarks and `loading.TINY_MODELS` (the CLI's and the sweep's `--model tiny-random`); no
-library module imports it at import time.
+Used by the tests, the benchmarks and the model families (goca_scfg/families/ name their builders here, and
+`loading.TINY_MODELS`, the CLI's and the sweep's `--model tiny-random*`, come from them); no library module imports
+it.
 The tiny UNet has four resolution levels and two transformer blocks per down level (three per up level), so every
 layer name of SD v1.5 exists and attention maps exist at latent/1, /2, /4 and /8.
 """
@@ -131,7 +132,13 @@ _SD15_SCHEDULER = {
 
 def make_scheduler(name: str = "pndm"):
     """A scheduler with SD v1.5's (and SDXL's) published noise schedule: "pndm" (SD v1.5's default), "euler"
-    (SDXL's default), "ddim" or "dpm++"."""
+    (SDXL's default), "ddim" or "dpm++". Its tensors are on the CPU, also inside `with torch.device("meta")`
+    (components built on the meta device, bench/step_flops.py)."""
+    with torch.device("cpu"):
+        return _make_scheduler(name)
+
+
+def _make_scheduler(name: str):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     if name == "euler":
@@ -309,6 +316,8 @@ def _pixart_components(sizes: tuple[dict, dict, dict], seed: int, sample_size: i
     if sample_size is not None:
         transformer_cfg = {**transformer_cfg, "sample_size": sample_size}
     tokenizer = t5_tokenizer()
+    with torch.device("cpu"):  # as `make_scheduler`: usable also when built on the meta device
+        scheduler = DPMSolverMultistepScheduler(**_PIXART_SCHEDULER)
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(in_channels=4, out_channels=8, num_layers=28, **transformer_cfg)
     torch.manual_seed(seed + 1)
@@ -322,7 +331,7 @@ def _pixart_components(sizes: tuple[dict, dict, dict], seed: int, sample_size: i
         "text_encoder": T5EncoderModel(text_config).eval(),
         "vae": vae.eval(),
         "transformer": transformer.eval(),
-        "scheduler": DPMSolverMultistepScheduler(**_PIXART_SCHEDULER),
+        "scheduler": scheduler,
     }
 
 

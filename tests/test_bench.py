@@ -67,8 +67,10 @@ def test_bench_tiny_pixart_smoke(bench):
     results = bench.main([*argv, "--warmup-steps", "0"])
     assert [r["method"] for r in results["rows"]] == ["cfg", "goca", "goca-fast"]  # no S-CFG on a DiT
     assert all(r["s_per_img"] > 0 and r["time_ratio"] > 0 for r in results["rows"])
+    flops = bench.main([*argv, "--flops"])["flops"]  # step_flops builds PixArt for this arch
+    assert [r["method"] for r in flops] == ["cfg", "goca", "goca-fast"] and flops[1]["total"] > flops[0]["total"]
     with pytest.raises(SystemExit):
-        bench.main([*argv, "--profile"])  # PixArt's pipeline has no step-end callback to measure the record with
+        bench.main([*argv, "--profile"])  # not for PixArt yet (families/pixart.py: BenchShapes.profile)
 
 
 def test_sdpa_rule_is_the_math_paths_count(step_flops):
@@ -83,7 +85,9 @@ def test_sdpa_rule_is_the_math_paths_count(step_flops):
 KEYS = ("total", "sdpa", "dense", "denoiser", "after_denoiser", "sdpa_calls")
 
 
-@pytest.mark.parametrize("arch, methods", [("sd15", ["cfg", "scfg", "goca"]), ("sdxl", ["cfg", "goca"])])
+@pytest.mark.parametrize(
+    "arch, methods", [("sd15", ["cfg", "scfg", "goca"]), ("sdxl", ["cfg", "goca"]), ("pixart-sigma", ["cfg", "goca"])]
+)
 def test_shapes_only_count_equals_real_count(step_flops, arch, methods):
     """Counting with a meta denoiser and shape-only ops gives exactly the count of the real computation."""
     cases = [(64, 64, 2)]
@@ -93,7 +97,9 @@ def test_shapes_only_count_equals_real_count(step_flops, arch, methods):
     rows = dict(zip(methods, shapes))
     cfg, goca = rows["cfg"], rows["goca"]
     assert cfg["after_denoiser"] == 0 and cfg["sdpa"] > 0 and cfg["dense"] > 0
-    assert goca["sdpa_calls"] > cfg["sdpa_calls"] and goca["after_denoiser"] > 0 and goca["total_ratio"] > 1
+    assert goca["after_denoiser"] > 0 and goca["total_ratio"] > 1
+    if arch != "pixart-sigma":  # on a UNet GoCA adds fused attention calls (its reducers); on PixArt it adds none
+        assert goca["sdpa_calls"] > cfg["sdpa_calls"]
     if "scfg" in rows:  # S-CFG adds no attention call, only its segmentation after the denoiser
         assert rows["scfg"]["sdpa"] == cfg["sdpa"] and rows["scfg"]["after_denoiser"] > 0
 

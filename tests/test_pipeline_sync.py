@@ -7,16 +7,13 @@ import difflib
 import inspect
 import textwrap
 
+import diffusers
 import pytest
-from diffusers import PixArtSigmaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from goca_scfg import PixArtSigmaSCFGPipeline, StableDiffusionSCFGPipeline, StableDiffusionXLSCFGPipeline
+from goca_scfg.families import FAMILIES
 
-PAIRS = [
-    (StableDiffusionSCFGPipeline, StableDiffusionPipeline),
-    (StableDiffusionXLSCFGPipeline, StableDiffusionXLPipeline),
-    (PixArtSigmaSCFGPipeline, PixArtSigmaPipeline),
-]
+# every registered model family's pipeline against the diffusers pipeline it extends
+PAIRS = [(family.pipeline_class(), getattr(diffusers, family.extends[0])) for family in FAMILIES]
 
 
 def _code_lines(cls) -> list[str]:

@@ -11,7 +11,6 @@ pooling for latent-resolution self maps, and S·X as fused attention with the ma
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -22,6 +21,8 @@ from torch.profiler import record_function
 
 from ..capture import HEAD_MEAN, AttentionRecord, Field, Reduce
 from ..config import GoCAConfig
+from ..families import GoCAPreset, PresetMatch, goca_presets
+from ..families.pixart import PIXART_BAND, PIXART_DENSE, PIXART_DEPTH, PIXART_SIGMA_PRESET
 from ..layout import AttentionLayer, ModelLayout
 from ..ops import (
     attention_probs,
@@ -441,81 +442,15 @@ def goca_segment(
 # ----------------------------------------------------------------------------------------------- layers, §8
 
 
-@dataclass(frozen=True)
-class GoCAPreset:
-    """The authors' GoCA layers for one published architecture (algorithm.md §8), or a rule's choice for a model
-    they did not configure (§8.4): cross blocks (None: all), the dense block whose attn2 query is the similarity's
-    reference, the propagation blocks and order, the segmentation grid's factor (None: the propagation blocks' grid),
-    the branch whose global token gives the foreground ("uncond": the uncond map of token 0, SD; "cond": the cond
-    `</s>` map put into the uncond half, PixArt-Sigma) and the name `GoCALayers.describe` reports."""
-
-    cross: tuple[str, ...] | None
-    dense: str
-    self_blocks: tuple[str, ...]
-    order: int
-    grid_factor: int | None = None
-    foreground: Literal["uncond", "cond"] = "uncond"
-    name: str = "preset"
-
-
-def _pixart_blocks(first: int, last: int) -> tuple[str, ...]:
-    return tuple(f"transformer_blocks.{i}" for i in range(first, last + 1))
-
-
-# PixArt-Sigma-XL/2's depth and the authors' positions in it (reference query, cross/self band; sources below); the
-# transformer rule (algorithm.md §8.4) moves these positions to any depth.
-_PIXART_DEPTH, _PIXART_DENSE, _PIXART_BAND = 28, 13, (10, 17)
-
-
-def _is_pixart(layout: ModelLayout) -> bool:
-    """PixArt-α/Σ-XL/2's structure: a transformer of 28 blocks `transformer_blocks.0` … `.27` with cross-attention."""
-    blocks = [x.block for x in layout.of_kind("cross")]
-    return layout.arch == "transformer" and blocks == list(_pixart_blocks(0, _PIXART_DEPTH - 1))
-
-
-# GoCA src-additional/generation-experiment/configs/config_model_sigma.py L43 (ref), L45-74 (cross 10-17),
-# L77-89 (self 10-17), L91-96 (order 5), L9 (feat_size = latent at 512 px); utils_sigma.py L329-330 (fg)
-_PIXART_SIGMA = GoCAPreset(
-    cross=_pixart_blocks(*_PIXART_BAND),
-    dense=f"transformer_blocks.{_PIXART_DENSE}",
-    self_blocks=_pixart_blocks(*_PIXART_BAND),
-    order=5,
-    grid_factor=1,
-    foreground="cond",
-    name="preset pixart-sigma",
-)
-
-# Architectures the authors configured, recognised by their attention structure (`ModelLayout.signature`).
-_SDXL_SIGNATURE = (
-    (("down", 2, 2),) * 2 + (("down", 4, 10),) * 2 + (("mid", 4, 10),) + (("up", 4, 10),) * 3 + (("up", 2, 2),) * 3
-)
-GOCA_PRESETS: list[tuple[Callable[[ModelLayout], bool], GoCAPreset]] = [
-    (  # GoCA src-main/configs/config-model/config_model_xl.py L43 (ref), L45-123 (cross), L126-138 (self), L140-145
-        lambda layout: layout.arch == "unet" and layout.signature() == _SDXL_SIGNATURE,
-        GoCAPreset(
-            cross=None,
-            dense="up_blocks.1.attentions.0.transformer_blocks.0",
-            self_blocks=(
-                "up_blocks.1.attentions.0.transformer_blocks.0",
-                "up_blocks.1.attentions.0.transformer_blocks.1",
-                "up_blocks.1.attentions.1.transformer_blocks.0",
-                "up_blocks.1.attentions.1.transformer_blocks.1",
-                "up_blocks.1.attentions.2.transformer_blocks.0",
-                "down_blocks.1.attentions.0.transformer_blocks.0",
-                "down_blocks.1.attentions.0.transformer_blocks.1",
-            ),
-            order=2,
-            name="preset sdxl",
-        ),
-    ),
-    (_is_pixart, _PIXART_SIGMA),
-]
+# The authors' presets live with their model families (goca_scfg/families/sdxl.py, pixart.py); this is the registry's
+# list, in registry order. The transformer rule below moves the PixArt-Sigma preset to other depths.
+GOCA_PRESETS: tuple[tuple[PresetMatch, GoCAPreset], ...] = goca_presets()
 
 
 def relative_block(index: int, depth: int) -> int:
     """Block `index` of PixArt-Sigma's 28 moved to the same relative depth among `depth` blocks (algorithm.md §8.4):
     round(index·(depth − 1)/27), halves up, in integers (exact: the identity at depth 28)."""
-    span = _PIXART_DEPTH - 1
+    span = PIXART_DEPTH - 1
     return (2 * index * (depth - 1) + span) // (2 * span)
 
 
@@ -528,10 +463,10 @@ def transformer_rule(layout: ModelLayout) -> GoCAPreset:
     blocks = list(dict.fromkeys(x.block for x in layout.of_kind("cross")))
     if not blocks:
         raise ValueError("segmentor needs a denoiser with text cross-attention; this one has none")
-    first, dense, last = (relative_block(i, len(blocks)) for i in (_PIXART_BAND[0], _PIXART_DENSE, _PIXART_BAND[1]))
+    first, dense, last = (relative_block(i, len(blocks)) for i in (PIXART_BAND[0], PIXART_DENSE, PIXART_BAND[1]))
     band = tuple(blocks[first : last + 1])
     return replace(
-        _PIXART_SIGMA,
+        PIXART_SIGMA_PRESET,
         cross=band,
         dense=blocks[dense],
         self_blocks=band,
