@@ -160,20 +160,10 @@ def plan_outside_call(pipe, case: Case, method: str):
     """The segmentation plan a pipeline call makes for this case and method (with the uncond condition the call
     would encode: SDXL's empty negative prompt is all zeros, which changes what the segmentors read)."""
     kwargs = get_method(method).pipeline_kwargs()
-    prompts = [PROMPT] * case.batch
-    negative = pipe.encode_prompt(
-        prompts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=True
-    )[1]
-    return pipe.spatial_guidance(
-        kwargs["segmentor"],
-        prompts,
-        case.height,
-        case.width,
-        scfg_config=kwargs["scfg_config"],
-        goca_config=kwargs["goca_config"],
-        batch_size=case.batch,
-        negative_prompt_embeds=negative,
-    )
+    return pipe.call_plan(
+        kwargs["segmentor"], [PROMPT] * case.batch, case.height, case.width, scfg_config=kwargs["scfg_config"],
+        goca_config=kwargs["goca_config"], **family_of(pipe).bench.call_kwargs,
+    )  # fmt: skip
 
 
 def capture_bytes(pipe, case: Case, method: str) -> int:
@@ -285,8 +275,6 @@ def main(argv: list[str] | None = None) -> dict:
     args.dtype = args.dtype or shapes.dtype
     if shapes.methods and args.methods == parser.get_default("methods"):
         args.methods = ",".join(shapes.methods)
-    if not shapes.profile and (args.profile or args.agreement):
-        parser.error(f"--arch {args.arch}: --profile and --agreement do not run on this model family yet")
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = set(methods) - set(METHOD_NAMES)
     if unknown or methods[0] != BASELINE:

@@ -30,7 +30,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
 
 from .capture import capture_attention
 from .config import GoCAConfig, SCFGConfig
-from .guidance import RateRule, SCFGStepMaps, SCFGStepRates
+from .guidance import RateRule, SCFGStepMaps, SCFGStepRates, SpatialGuidance
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
 from .segment import Segmentor
 from .tokens import PromptTokens, t5_prompt_tokens
@@ -106,6 +106,30 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
             return None
         texts = self._text_preprocessing(prompt, clean_caption=clean_caption)
         return t5_prompt_tokens(self.tokenizer, texts, num_images_per_prompt, max_sequence_length)
+
+    def call_plan(
+        self,
+        segmentor: str | Segmentor,
+        prompt: str | list[str],
+        height: int,
+        width: int,
+        scfg_config: SCFGConfig | None = None,
+        goca_config: GoCAConfig | None = None,
+        **call_kwargs,
+    ) -> SpatialGuidance:
+        """The plan a call makes (`SCFGPipelineMixin.call_plan`): the T5 key mask [uncond; cond] and the token rows
+        as the call's `negative_prompt`, `clean_caption` (default True) and `max_sequence_length` give them."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        options = {"clean_caption": call_kwargs.get("clean_caption", True),
+                   "max_sequence_length": call_kwargs.get("max_sequence_length", 300)}  # fmt: skip
+        with torch.no_grad():
+            _, mask, _, negative_mask = self.encode_prompt(
+                prompts, True, call_kwargs.get("negative_prompt", ""), device=self.device, **options
+            )
+        return self.spatial_guidance(
+            segmentor, prompts, height, width, scfg_config=scfg_config, goca_config=goca_config,
+            key_mask=torch.cat([negative_mask, mask]), token_options=options,
+        )  # fmt: skip
 
     @torch.no_grad()
     def __call__(

@@ -213,6 +213,30 @@ class SCFGPipelineMixin:
             )
         record.enabled = self.do_classifier_free_guidance
 
+    def call_plan(
+        self,
+        segmentor: str | Segmentor,
+        prompt: str | list[str],
+        height: int,
+        width: int,
+        scfg_config: SCFGConfig | None = None,
+        goca_config: GoCAConfig | None = None,
+        **call_kwargs,
+    ) -> SpatialGuidance:
+        """The plan a call `pipe(prompt, height=..., width=..., segmentor=...)` makes, built outside the call (to
+        segment any recorded step yourself): the uncond condition encoded as the call encodes it (SDXL's empty
+        negative prompt is all zeros, which changes what the segmentors read)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        with torch.no_grad():
+            negative = self.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                negative_prompt=call_kwargs.get("negative_prompt"),
+            )[1]  # fmt: skip
+        return self.spatial_guidance(
+            segmentor, prompts, height, width, scfg_config=scfg_config, goca_config=goca_config,
+            negative_prompt_embeds=negative,
+        )  # fmt: skip
+
     def start_spatial_guidance(self, segmentor: Segmentor | None, **kwargs) -> SpatialGuidance | None:
         """The loop's plan, or None (with a warning when a segmentor was asked for but CFG is off: w <= 1 or a
         guidance-embedding denoiser such as LCM's, where there is no Δ to rescale)."""

@@ -69,8 +69,10 @@ def test_bench_tiny_pixart_smoke(bench):
     assert all(r["s_per_img"] > 0 and r["time_ratio"] > 0 for r in results["rows"])
     flops = bench.main([*argv, "--flops"])["flops"]  # step_flops builds PixArt for this arch
     assert [r["method"] for r in flops] == ["cfg", "goca", "goca-fast"] and flops[1]["total"] > flops[0]["total"]
-    with pytest.raises(SystemExit):
-        bench.main([*argv, "--profile"])  # not for PixArt yet (families/pixart.py: BenchShapes.profile)
+    results = bench.main([*argv, "--warmup-steps", "0", "--profile", "--profile-steps", "1", "--agreement"])
+    assert "goca_scfg::goca_segment" in results["profile"]["goca"] and results["profile"]["goca"]["record_mib"] > 0
+    (agreement,) = results["agreement"].values()
+    assert len(agreement["fast"]) >= 1 and all(0 <= v <= 1 for v in agreement["fast"] + agreement["fp16_noise"])
 
 
 def test_sdpa_rule_is_the_math_paths_count(step_flops):

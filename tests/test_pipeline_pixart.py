@@ -208,3 +208,22 @@ def test_callback_switching_cfg_off_stops_segmentation(components):
     assert [m.step for m in out.maps] == [0, 1] and torch.isfinite(out.images).all()
     plain = pipe(PROMPTS, generator=_gens(2), segmentor=None, **kw, **_kwargs(num_inference_steps=4))
     assert plain.images.shape == out.images.shape
+
+
+def test_call_plan_segments_like_the_call(components):
+    """`call_plan` (the plan a call makes, built outside it: T5 key mask, token rows) applied to a plain-CFG run's
+    first step gives the segmenting call's first-step labels, bit for bit (one instance, the same shapes)."""
+    pipe = _pipe(components)
+    kw = _kwargs(max_sequence_length=40)
+    guided = pipe(PROMPTS, generator=_gens(2), segmentor="goca", return_maps=True, **kw)
+    plan = pipe.call_plan("goca", PROMPTS, 256, 256, clean_caption=False, max_sequence_length=40)
+    seen = {}
+
+    def first_step(p, i, t, kwargs):
+        if i == 0:
+            seen["labels"] = plan.masks(i, record)[0].argmax(1)
+        return kwargs
+
+    with capture_attention(pipe.transformer, plan.requests, plan.reducers) as record:
+        pipe(PROMPTS, generator=_gens(2), segmentor=None, callback_on_step_end=first_step, **kw)
+    assert torch.equal(seen["labels"], guided.maps[0].labels)

@@ -52,16 +52,13 @@ PresetMatch = Callable[["ModelLayout"], bool]
 class BenchShapes:
     """What bench/ runs for a family by default (`--arch NAME`): the timed cases ("SIZE[xW]bBATCH" list), the sizes
     step_flops counts, the steps and dtype of a timed call, the methods it can run (None: the bench's default list),
-    whether `--profile` and `--agreement` run on it (they plan the segmentation outside a call, from
-    `encode_prompt`'s uncond embeddings, and read the record in `callback_on_step_end`) and extra keywords of every
-    benchmark call."""
+    and extra keywords of every benchmark call."""
 
     cases: str
     flops_sizes: str
     steps: int = 50
     dtype: str = "fp16"
     methods: tuple[str, ...] | None = None
-    profile: bool = True
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -61,8 +61,6 @@ FAMILY = Family(
         cases="512b1,512b8,1024b1",
         flops_sizes="512,1024",
         methods=("cfg", "goca", "goca-fast"),  # S-CFG has no DiT segmentation
-        # bench's outside-the-call plan reads SD's encode_prompt outputs and passes no T5 key mask: not for PixArt yet
-        profile=False,
         # no resolution binning, so the case size is what is measured
         call_kwargs={"use_resolution_binning": False},
     ),
