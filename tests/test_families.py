@@ -2,7 +2,6 @@
 saved tiny model loads back as its pipeline, and loading, the CLI, the sweep, the benchmarks, the package exports
 and GoCA's presets all read the registry."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
+from test_bench import _load as _bench_module  # the bench scripts, loaded from their files
 
 import goca_scfg
 from goca_scfg import GoCAConfig, ModelLayout
@@ -30,17 +30,6 @@ from goca_scfg.segment import goca
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f.name for f in FAMILIES]
-
-
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(name, None)
-    return module
 
 
 def _tiny_name(family) -> str:
