@@ -151,3 +151,17 @@ def test_token_labels_name_pads_apart_from_eos():
     assert [token_label(tokens, i) for i in range(5)] == ["<sos>", "red", "dog", "<eos>", "<pad 4>"]
     t5 = ["▁a", "▁corgi", "▁", "s", "</s>", "<pad>"]
     assert [token_label(t5, i) for i in range(6)] == ["a", "corgi", "▁", "s", "</s>", "<pad>"]
+
+
+def test_a_tiny_model_that_fails_to_build_says_why(monkeypatch):
+    """Tiny models are built in code, never looked up in the hub cache: their OSError is reported as it is, not as
+    "not in the local Hugging Face cache"."""
+    from goca_scfg import cli, loading
+
+    def broken(*_args, **_kwargs):
+        raise FileNotFoundError("goca_scfg/data/t5_unigram_vocab.json")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(loading, "load_pipeline", broken)
+    with pytest.raises(cli.CLIError, match="tiny-random-pixart: cannot be loaded: goca_scfg/data/t5_unigram_vocab"):
+        cli._load("tiny-random-pixart", None, "cpu")
