@@ -65,6 +65,14 @@ def check_names(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def check_caption(caption: object) -> list[str]:
+    """`caption` (the text that names a segmentor's regions) must be a str or a list/tuple of str; as a list."""
+    texts = [caption] if isinstance(caption, str) else caption
+    if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"caption must be a str or a list of str, got {caption!r}")
+    return list(texts)
+
+
 def check_call_inputs(
     num_inference_steps: object,
     guidance_scale: object,

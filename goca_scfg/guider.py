@@ -18,6 +18,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from torch import Tensor, nn
 
 from .capture import AttentionRecord, LayerTensors, capture_attention
+from .checks import check_caption
 from .config import GoCAConfig, SCFGConfig
 from .guidance import RateRule, SCFGRate, SCFGStepMaps, SCFGStepRates, SpatialGuidance, rate_rule_from
 from .layout import ModelLayout, unwrap
@@ -40,14 +41,15 @@ def _as_config(cls: type, value: Any) -> Any:
 
 def _json(config: Any) -> dict | None:
     """A config dataclass as a JSON-ready dict (tuples become lists)."""
-    return None if config is None else json_ready(dataclasses.asdict(config))
+    return None if config is None else _json_ready(dataclasses.asdict(config))
 
 
-def json_ready(value: Any) -> Any:
+def _json_ready(value: Any) -> Any:
+    """Nested dicts and sequences with every tuple a list, as JSON stores them."""
     if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
+        return {k: _json_ready(v) for k, v in value.items()}
     if isinstance(value, tuple | list):
-        return [json_ready(v) for v in value]
+        return [_json_ready(v) for v in value]
     return value
 
 
@@ -104,11 +106,8 @@ class SCFGGuidance(BaseGuidance):
         self.segmentor = make_segmentor(segmentor, self.scfg_config, self.goca_config)  # checks the name now
         self.rate_rule = rate_rule_from(rate_rule)
         self.return_maps = return_maps
-        if caption is not None and not (
-            isinstance(caption, str)
-            or (isinstance(caption, list | tuple) and all(isinstance(c, str) for c in caption))
-        ):
-            raise TypeError(f"caption must be a str or a list of str, got {caption!r}")
+        if caption is not None:
+            check_caption(caption)
         self.caption = caption
         self.tokenizer = tokenizer
         self.register_to_config(
@@ -116,7 +115,7 @@ class SCFGGuidance(BaseGuidance):
             segmentor=segmentor if not isinstance(segmentor, Segmentor) else None,
             scfg_config=_json(self.scfg_config),
             goca_config=_json(self.goca_config),
-            rate_rule=json_ready(self.rate_rule.describe()),
+            rate_rule=_json_ready(self.rate_rule.describe()),
             return_maps=return_maps,
             caption=list(caption) if isinstance(caption, tuple) else caption,
             start=start,
@@ -175,7 +174,7 @@ class SCFGGuidance(BaseGuidance):
             pred = pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)
             return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
         record = join_branches(self._records.pop("uncond"), self._records.pop("cond"))
-        guide = self._guide or self._final_guide(pred_cond)
+        guide = self._guide or self._final_guide()
         pred = guide(self._step, self._timestep, record, pred_uncond, pred_cond, self.guidance_scale)
         self.maps, self.rates = guide.maps, guide.step_rates()
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
@@ -203,7 +202,7 @@ class SCFGGuidance(BaseGuidance):
     def _reset_run(self) -> None:
         self._guide: SpatialGuidance | None = None  # this call's plan, made at its first segmented step
         self._requests: dict | None = None  # the layers and fields recorded in this call
-        self._context: dict[str, Any] = {}  # layout, latent size, batch, blank uncond rows
+        self._context: dict[str, Any] = {}  # layout, latent size, batch, tokens, blank uncond rows
         self._records: dict[str, dict[str, LayerTensors]] = {}
         self._capture: tuple[str, Any, AttentionRecord] | None = None
         self._hooks: list = []
@@ -241,7 +240,7 @@ class SCFGGuidance(BaseGuidance):
                 if branch == "uncond" and text is not None and "blank" not in self._context:
                     self._context["blank"] = text.flatten(1).abs().amax(dim=1) == 0
                 if self._requests is None:
-                    self._requests = self._plan(module, sample, blank=None).requests
+                    self._requests = self._plan(module, sample).requests
                 capture = capture_attention(module, self._requests)
                 self._capture = (branch, capture, capture.__enter__())
             except Exception:
@@ -266,7 +265,7 @@ class SCFGGuidance(BaseGuidance):
                     "modular pipeline hands the guider embeddings only: pass caption= (the prompt text)"
                 )
             return None
-        captions = [self.caption] if isinstance(self.caption, str) else list(self.caption)
+        captions = check_caption(self.caption)
         if batch % len(captions):
             raise ValueError(f"caption has {len(captions)} text(s) for a batch of {batch} images: one per prompt")
         if self.tokenizer is None:
@@ -275,23 +274,28 @@ class SCFGGuidance(BaseGuidance):
             self.tokenizer = clip_tokenizer()
         return clip_prompt_tokens(self.tokenizer, captions, batch // len(captions))
 
-    def _plan(self, denoiser: nn.Module, sample: Tensor, blank: Tensor | None) -> SpatialGuidance:
-        """This call's `SpatialGuidance` on the denoiser, for latents shaped like `sample` (one branch's batch)."""
+    def _plan(self, denoiser: nn.Module, sample: Tensor) -> SpatialGuidance:
+        """A provisional plan at the call's first denoiser call, for latents shaped like `sample` (one branch's
+        batch): the layers to record. The uncond branch is not seen yet."""
         layout = ModelLayout.of(denoiser)
         self.segmentor.check_layout(layout)
-        latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        self._context.update(layout=layout, latent_hw=latent_hw, batch=int(sample.shape[0]))
-        context = SegmentationContext(layout, latent_hw, int(sample.shape[0]), self._tokens(int(sample.shape[0])),
-                                      uncond_blank=blank)  # fmt: skip
-        return SpatialGuidance(make_segmentor(self.segmentor), context, self.rate_rule)
+        batch = int(sample.shape[0])
+        self._context.update(
+            layout=layout, latent_hw=(int(sample.shape[-2]), int(sample.shape[-1])), batch=batch,
+            tokens=self._tokens(batch),
+        )  # fmt: skip
+        return self._guide_for(blank=None, return_maps=False)
 
-    def _final_guide(self, pred_cond: Tensor) -> SpatialGuidance:
+    def _final_guide(self) -> SpatialGuidance:
         """The call's plan, with what the uncond branch showed (blank rows: foreground from cond, §8.2)."""
-        ctx = self._context
-        context = SegmentationContext(ctx["layout"], ctx["latent_hw"], ctx["batch"], self._tokens(ctx["batch"]),
-                                      uncond_blank=ctx.get("blank"))  # fmt: skip
-        guide = SpatialGuidance(make_segmentor(self.segmentor), context, self.rate_rule, self.return_maps)
+        guide = self._guide_for(blank=self._context.get("blank"), return_maps=self.return_maps)
         if guide.requests != self._requests:
             raise RuntimeError("the segmentor asked for other layers once it saw the uncond branch")
         self._guide = guide
         return guide
+
+    def _guide_for(self, blank: Tensor | None, return_maps: bool) -> SpatialGuidance:
+        """A `SpatialGuidance` over this call's context (layout, latent size, batch, tokens) and blank uncond rows."""
+        ctx = self._context
+        context = SegmentationContext(ctx["layout"], ctx["latent_hw"], ctx["batch"], ctx["tokens"], uncond_blank=blank)
+        return SpatialGuidance(make_segmentor(self.segmentor), context, self.rate_rule, return_maps)

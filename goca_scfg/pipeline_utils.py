@@ -16,7 +16,7 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from torch import Tensor
 
 from .capture import AttentionRecord
-from .checks import check_call_inputs
+from .checks import check_call_inputs, check_caption
 from .config import GoCAConfig, SCFGConfig
 from .guidance import RateRule, SpatialGuidance, rate_rule_from
 from .layout import ModelLayout, unwrap
@@ -127,9 +127,7 @@ class SCFGPipelineMixin:
             raise ValueError(
                 "caption= is for calls with prompt_embeds and no prompt; here the prompt names the regions"
             )
-        texts = [caption] if isinstance(caption, str) else caption
-        if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
-            raise TypeError(f"caption must be a str or a list of str, got {caption!r}")
+        texts = check_caption(caption)
         if prompt_embeds is not None and len(texts) != prompt_embeds.shape[0]:
             raise ValueError(
                 f"caption has {len(texts)} text(s) but prompt_embeds has {prompt_embeds.shape[0]} row(s): one each"

@@ -1,4 +1,5 @@
-"""Offline fixtures: tiny seeded diffusers components and a real CLIP tokenizer built from open_clip's vocab.
+"""Offline fixtures: tiny seeded diffusers components, the sharpened-attention variant for label-level tests, and
+the offline T5 tokenizer (the CLIP one is `clip_bpe.clip_tokenizer`).
 
 Used by the tests, the benchmarks and the model families (goca_scfg/families/ name their builders here, and
 `loading.TINY_MODELS`, the CLI's and the sweep's `--model tiny-random*`, come from them); no library module imports
