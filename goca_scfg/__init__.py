@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from .guider import SCFGGuidance  # noqa: F401
     from .layout import AttentionLayer, ModelLayout  # noqa: F401
     from .pipeline import StableDiffusionSCFGPipeline, StableDiffusionSCFGPipelineOutput  # noqa: F401
+    from .pipeline_flux import FluxSCFGPipeline, FluxSCFGPipelineOutput  # noqa: F401
     from .pipeline_pixart import PixArtSigmaSCFGPipeline, PixArtSigmaSCFGPipelineOutput  # noqa: F401
+    from .pipeline_sd3 import StableDiffusion3SCFGPipeline, StableDiffusion3SCFGPipelineOutput  # noqa: F401
     from .pipeline_sdxl import StableDiffusionXLSCFGPipeline, StableDiffusionXLSCFGPipelineOutput  # noqa: F401
     from .segment import CapturePlan, GoCASegmentor, SCFGSegmentor, SegmentationContext, Segmentor  # noqa: F401
 

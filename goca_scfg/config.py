@@ -97,12 +97,20 @@ class GoCAConfig:
     eps: float = 1e-12  # guards divisions the released code leaves unguarded (algorithm.md §5.14)
     layer_refresh: int = 1  # fast mode: recompute layer weights every k steps (1 = every step, exact)
     layer_query_stride: int = 1  # fast mode: similarity on every k-th dense query row (1 = all rows, exact)
+    # joint attention (SD3, Flux; algorithm.md §8.5): "joint": the cross map is the text slice of the softmax over
+    # text + image keys (the authors' FluxAttnStoreProcessor, attention.py L513); "text": renormalised over text keys
+    cross_norm: Literal["joint", "text"] = "joint"
+    # "all": the reference feature's every channel (their generation code); "first": channel 0 only, as their Flux
+    # and SDXL segmentation code reads it (cross_attn_dispatch.py L471 `features[ref_layer][0]`)
+    reference_channels: Literal["all", "first"] = "all"
 
     def __post_init__(self) -> None:
         _check_choice(self, "head", ("dot", "average"))
         _check_choice(self, "layer", ("similarity", "average"))
         _check_choice(self, "rescale", ("sum1", "none"))
         _check_choice(self, "tokens", ("caption", "content"))
+        _check_choice(self, "cross_norm", ("joint", "text"))
+        _check_choice(self, "reference_channels", ("all", "first"))
         if self.propagation_order is not None:  # None: the model's order (algorithm.md §8)
             check_int(_field(self, "propagation_order"), self.propagation_order, minimum=0)
         for name in ("layer_refresh", "layer_query_stride"):

@@ -1,7 +1,10 @@
 """Where a denoiser's attention is: every self-/cross-attention module of its transformer blocks, at which grid.
 
-`ModelLayout.of(model)` reads the structure of a diffusers UNet (`down_blocks`/`mid_block`/`up_blocks`) or a
-diffusion transformer (`transformer_blocks`, e.g. PixArt), also behind `torch.compile`, without running it. Layers
+`ModelLayout.of(model)` reads the structure of a diffusers UNet (`down_blocks`/`mid_block`/`up_blocks`), a
+diffusion transformer with cross-attention (`transformer_blocks`, e.g. PixArt) or a joint-attention transformer
+(MMDiT: SD3's `transformer_blocks`, Flux's double- and single-stream blocks), also behind `torch.compile`, without
+running it. A joint-attention module is two layers: its `…attn:cross` view (image queries × text keys of the joint
+softmax) and its `…attn:self` view (image queries × image keys); both are recorded by one set of hooks. Layers
 are addressed down to the transformer block (`up_blocks.1.attentions.0.transformer_blocks.1`), so SDXL's ten blocks
 per attention module are each one layer. The segmentors pick their layers from a layout by the rules documented in
 algorithm.md §8 (the authors' choices where they exist for the model, a stated rule elsewhere).
@@ -15,6 +18,13 @@ from typing import Literal
 from torch import nn
 
 Kind = Literal["self", "cross"]
+JOINT_VIEWS: dict[str, Kind] = {"cross": "cross", "self": "self"}  # `<module>:<view>` names of a joint layout
+
+
+def joint_view(name: str) -> tuple[str, Kind] | None:
+    """(module name, view) of a joint-attention layer name `transformer_blocks.3.attn:cross`, else None."""
+    module, sep, view = name.rpartition(":")
+    return (module, JOINT_VIEWS[view]) if sep and view in JOINT_VIEWS else None
 
 
 @dataclass(frozen=True)
@@ -67,14 +77,17 @@ class ModelLayout:
     """All attention layers of one denoiser in call order, and the lookups the segmentors' layer rules use."""
 
     layers: tuple[AttentionLayer, ...]
-    arch: Literal["unet", "transformer"]
+    arch: Literal["unet", "transformer", "joint"]
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelLayout:
-        """The layout of a UNet2DConditionModel-like or transformer_blocks-based denoiser (compiled or not)."""
+        """The layout of a UNet2DConditionModel-like, transformer_blocks-based or joint-attention denoiser (compiled
+        or not)."""
         model = unwrap(model)
         if hasattr(model, "down_blocks") and hasattr(model, "up_blocks"):
             return cls(tuple(_locate_unet(model)), "unet")
+        if is_joint_transformer(model):
+            return cls(tuple(_locate_joint(model)), "joint")
         if hasattr(model, "transformer_blocks"):
             return cls(tuple(_locate_transformer(model)), "transformer")
         raise ValueError(f"cannot locate attention layers in a {type(model).__name__}: expected a UNet or transformer")
@@ -145,4 +158,39 @@ def _locate_transformer(model: nn.Module) -> list[AttentionLayer]:
             continue
         kind: Kind = "self" if name.endswith("attn1") else "cross"
         layers.append(AttentionLayer(name, name.rsplit(".", 1)[0], kind, patch, "mid", len(layers)))
+    return layers
+
+
+def is_joint_attention(module: nn.Module) -> bool:
+    """An MMDiT attention module: image q/k/v plus the text stream's `add_k_proj` (double-stream), or a Flux
+    single-stream attention (`pre_only`, run on the concatenated [text; image] sequence)."""
+    has_qk = hasattr(module, "to_q") and hasattr(module, "to_k") and hasattr(module, "heads")
+    return has_qk and (getattr(module, "add_k_proj", None) is not None or bool(getattr(module, "pre_only", False)))
+
+
+def is_joint_transformer(model: nn.Module) -> bool:
+    """SD3/Flux-like: `transformer_blocks` whose `attn` is joint attention (no `attn2` over the text)."""
+    blocks = getattr(model, "transformer_blocks", None)
+    return bool(blocks) and all(is_joint_attention(getattr(b, "attn", None) or nn.Module()) for b in blocks)
+
+
+def joint_token_factor(model: nn.Module) -> int:
+    """Latent pixels per token side: the patch size, times 2 for Flux's 2×2 latent packing (its pipelines pack
+    16-channel latents into 64-channel tokens, and the transformer's own patch size is 1)."""
+    config = getattr(model, "config", None)
+    patch = int(getattr(config, "patch_size", None) or 1)
+    packed = hasattr(model, "single_transformer_blocks")
+    return patch * (2 if packed else 1)
+
+
+def _locate_joint(model: nn.Module) -> list[AttentionLayer]:
+    """Both views of every joint-attention module, in call order: double-stream `transformer_blocks.i.attn`, then
+    Flux's single-stream `single_transformer_blocks.j.attn` (the authors number them 0 … 56 in this order)."""
+    factor = joint_token_factor(model)
+    layers: list[AttentionLayer] = []
+    for stack in ("transformer_blocks", "single_transformer_blocks"):
+        for i, _ in enumerate(getattr(model, stack, None) or []):
+            block = f"{stack}.{i}"
+            for view in ("cross", "self"):
+                layers.append(AttentionLayer(f"{block}.attn:{view}", block, view, factor, "mid", len(layers)))
     return layers

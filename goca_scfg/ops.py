@@ -77,6 +77,36 @@ def attention_probs(
     return probs.mean(dim=1) if head_mean else probs
 
 
+_JOINT_CHUNK = 2**24  # fp32 logits (64 MiB) per temporary of the chunked joint softmax
+
+
+def joint_logsumexp(q: Tensor, k: Tensor, heads: int, scale: float) -> Tensor:
+    """log Σ_j exp(q·k_j·scale) per head and query, in fp32, over query-row chunks (no (N, M) map is kept).
+
+    q: (B, N, C), k: (B, M, C) → (B, H, N)."""
+    qh, kh = split_heads(q.float(), heads), split_heads(k.float(), heads)
+    b, h, n, _ = qh.shape
+    rows = max(1, _JOINT_CHUNK // max(1, b * h * kh.shape[2]))
+    return torch.cat(
+        [torch.logsumexp(qh[:, :, i : i + rows] @ kh.transpose(-1, -2) * scale, dim=-1) for i in range(0, n, rows)],
+        dim=2,
+    )
+
+
+def joint_attention_probs(
+    q: Tensor, k: Tensor, k_rest: Tensor, heads: int, scale: float, head_mean: bool = False
+) -> Tensor:
+    """The `k` columns of softmax(Q [K; K_rest]ᵀ·scale), the slice of a joint-attention softmax over two key sets
+    (algorithm.md §8.5: the authors' `attention_probs[:, :, text_len:, :text_len]`), in fp32.
+
+    q: (B, N, C); k: (B, M, C); k_rest: (B, M', C). Returns (B, H, N, M), or (B, N, M) with `head_mean`; rows sum to
+    the share of attention on `k` (≤ 1)."""
+    logits = split_heads(q.float(), heads) @ split_heads(k.float(), heads).transpose(-1, -2) * scale
+    total = torch.logaddexp(torch.logsumexp(logits, dim=-1), joint_logsumexp(q, k_rest, heads, scale))
+    probs = torch.exp(logits - total.unsqueeze(-1))
+    return probs.mean(dim=1) if head_mean else probs
+
+
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """(B, N, C) → (B, H, N, C/H), the head layout of diffusers' attention processors."""
     b, n, c = x.shape

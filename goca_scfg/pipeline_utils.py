@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import TextualInversionLoaderMixin
 from torch import Tensor
 
-from .capture import AttentionRecord
+from .capture import AttentionRecord, capture_attention
 from .checks import check_call_inputs, check_caption
 from .config import GoCAConfig, SCFGConfig
 from .guidance import RateRule, SpatialGuidance, rate_rule_from
 from .layout import ModelLayout, unwrap
+from .ops import split_cfg
 from .segment import Segmentor, make_segmentor
 from .segment.base import SegmentationContext
 from .tokens import PromptTokens, clip_prompt_tokens
@@ -27,6 +29,11 @@ from .tokens import PromptTokens, clip_prompt_tokens
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEGMENTOR = "goca"
+
+
+def cond_half(x: Tensor) -> Tensor:
+    """The cond half of a batched [uncond; cond] CFG tensor (algorithm.md §0)."""
+    return split_cfg(x)[1]
 
 
 class SCFGPipelineMixin:
@@ -211,6 +218,14 @@ class SCFGPipelineMixin:
             )
         record.enabled = self.do_classifier_free_guidance
 
+    def attention_capture(self, guide: SpatialGuidance | None, batched_cfg: bool = True):
+        """The loop's capture context: nothing without a plan; else the plan's layers recorded on the denoiser, the
+        cond half only where the plan asks for cond rows and one call runs both branches (`batched_cfg`)."""
+        if guide is None:
+            return nullcontext()
+        rows = cond_half if guide.plan.rows == "cond" and batched_cfg else None
+        return capture_attention(self.denoiser, guide.requests, guide.reducers, rows=rows)
+
     def call_plan(
         self,
         segmentor: str | Segmentor,
@@ -242,10 +257,13 @@ class SCFGPipelineMixin:
             return None
         if not self.do_classifier_free_guidance:
             logger.warning(
-                "segmentor %r segments nothing: classifier-free guidance is off (guidance_scale=%s%s)",
-                segmentor.name,
-                self.guidance_scale,
-                ", guidance-embedding denoiser" if getattr(self.denoiser.config, "time_cond_proj_dim", None) else "",
-            )
+                "segmentor %r segments nothing: classifier-free guidance is off (%s)", segmentor.name,
+                self.cfg_scale_text(),
+            )  # fmt: skip
             return None
         return self.spatial_guidance(segmentor, **kwargs)
+
+    def cfg_scale_text(self) -> str:
+        """Why CFG is off, for the warning: the scale (and a guidance-embedding denoiser such as LCM's)."""
+        embedded = getattr(self.denoiser.config, "time_cond_proj_dim", None)
+        return f"guidance_scale={self.guidance_scale}" + (", guidance-embedding denoiser" if embedded else "")

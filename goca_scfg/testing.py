@@ -354,3 +354,253 @@ def tiny_pixart_pipeline(seed: int = 0, scheduler: str = "default", torch_dtype:
     pipe = PixArtSigmaSCFGPipeline(**tiny_pixart_components(seed))
     swap_scheduler(pipe, scheduler)
     return _ready(pipe, torch_dtype)
+
+
+# ------------------------------------------------------------------------------------------ SD3 / SD3.5 and Flux
+# MMDiTs: text tokens (CLIP's 77, then T5's) and image patches attend jointly; the latents have 16 channels and a
+# VAE without quant convs whose `shift_factor`/`scaling_factor` differ between SD3 and Flux.
+_MMDIT_VAE_LAYOUT = dict(
+    _VAE_LAYOUT, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True
+)
+_SD3_VAE_SCALING = dict(shift_factor=0.0609, scaling_factor=1.5305)
+_FLUX_VAE_SCALING = dict(shift_factor=0.1159, scaling_factor=0.3611)
+# Published SD3 / SD3.5 / FLUX.1 vae config (16 latent channels, 4 levels: 8x down), random weights.
+_MMDIT_VAE = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2, force_upcast=True)
+# Tiny: 4 levels too (vae_scale_factor 8), so 64 px is an 8x8 latent: 4x4 patches of 2 (SD3), 4x4 packed tokens (Flux).
+_TINY_MMDIT_VAE = dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
+_T5_LAYOUT = dict(feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # T5 v1.1 (T5-XXL's architecture)
+_TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+_T5_XXL_1_LAYER = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64)  # T5-XXL's width, one layer
+# CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers at their real width, one layer each.
+_CLIP_L_1_LAYER = dict(_SD15[2], num_hidden_layers=1, projection_dim=768)
+_CLIP_G_1_LAYER = dict(_SDXL[3], num_hidden_layers=1)
+
+# Tiny SD3: the SD3 transformer at minimal width. The CLIP towers are 16 wide so that their per-token hidden states,
+# concatenated (16 + 16), fit `joint_attention_dim` (32) as SD3's (768 + 1280, zero-padded to 4096) do: the stock
+# pipeline pads the concatenation to T5's width with `F.pad`, and a wider one (32 + 32) would be silently cut to
+# its first 32 features, i.e. the second encoder's tokens dropped. Pooled: 32 + 32 = `pooled_projection_dim` 64.
+_TINY_SD3_TRANSFORMER = dict(
+    sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+    joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+)  # fmt: skip
+_TINY_SD3_CLIP = dict(
+    hidden_size=16, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2, layer_norm_eps=1e-5,
+    projection_dim=32,
+)  # fmt: skip
+# Published SD3.5-medium transformer config (stabilityai/stable-diffusion-3.5-medium, transformer/config.json):
+# MMDiT-X, 24 blocks of 24 heads x 64 (1536 wide), self-attention added to the image stream in blocks 0-12.
+_SD35_MEDIUM_TRANSFORMER = dict(
+    patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+    qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
+)  # fmt: skip
+# SD3's published scheduler (SD3-medium and SD3.5): rectified flow, Euler, static shift 3.
+_SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+# Tiny Flux: 2 double-stream + 4 single-stream blocks, 2 heads of 16 (rope axes 4 + 4 + 8 = 16).
+_TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+)  # fmt: skip
+_TINY_FLUX_CLIP = dict(
+    hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, layer_norm_eps=1e-5
+)
+# Published FLUX.1-dev transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json): 19 double-stream
+# and 38 single-stream blocks, 24 heads x 128 (3072 wide), 2x2-packed 16-channel latents (64 in), guidance-distilled.
+_FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56), guidance_embeds=True,
+)  # fmt: skip
+# FLUX.1's published scheduler: rectified flow, Euler, shift interpolated in the image's token count
+# (0.5 at 256 tokens, 1.15 at 4096; the pipeline computes `mu`).
+_FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)  # fmt: skip
+
+
+def _flow_scheduler(config: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with torch.device("cpu"):  # as `make_scheduler`: usable also when built on the meta device
+        return FlowMatchEulerDiscreteScheduler(**config)
+
+
+class _building:  # lower case: used as `with _building(dtype, device):`
+    """Build modules directly in `dtype` on `device` (torch's default dtype and device for the block, restored
+    after): no fp32 copy is materialised first; the meta device gives shapes without memory."""
+
+    def __init__(self, dtype: torch.dtype | None, device: str | torch.device | None):
+        self.dtype, self.device = dtype, torch.device(device) if device is not None else None
+
+    def __enter__(self):
+        self.old_dtype = torch.get_default_dtype()
+        if self.dtype is not None:
+            torch.set_default_dtype(self.dtype)
+        if self.device is not None:
+            self.device.__enter__()
+
+    def __exit__(self, *exc):
+        if self.device is not None:
+            self.device.__exit__(*exc)
+        torch.set_default_dtype(self.old_dtype)
+
+
+def _sd3_components(
+    sizes: tuple[dict, dict, dict, dict, dict],
+    seed: int,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    transformer_cfg, vae_cfg, clip_cfg, clip2_cfg, t5_cfg = sizes
+    tokenizer_3 = t5_tokenizer()
+    scheduler = _flow_scheduler(_SD3_SCHEDULER)
+    with _building(dtype, device):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(**transformer_cfg)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**_MMDIT_VAE_LAYOUT, **_SD3_VAE_SCALING, **vae_cfg)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**_TEXT_LAYOUT, **clip_cfg))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(**{**_TEXT_LAYOUT, "pad_token_id": 0}, **clip2_cfg)
+        )
+        torch.manual_seed(seed + 4)
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), **_T5_LAYOUT, **t5_cfg))
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "text_encoder_3": text_encoder_3.eval(),
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(pad_token="!"),  # SD3's CLIP-G tokenizer pads with "!" (id 0), as SDXL's
+        "tokenizer_3": tokenizer_3,
+        "scheduler": scheduler,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def tiny_sd3_components(seed: int = 0) -> dict[str, Any]:
+    """Tiny random `StableDiffusion3Pipeline` components, seeded: an `SD3Transformer2DModel` (4 joint blocks,
+    4 heads of 8, patch 2, `joint_attention_dim` 32, `pooled_projection_dim` 64), two `CLIPTextModelWithProjection`
+    (hidden 16, projection 32; CLIP-L's and CLIP-G's padding), a T5 encoder (d_model 32, 2 layers) over
+    `t5_tokenizer()`, a 16-channel VAE with 4 levels (vae_scale_factor 8; SD3's shift 0.0609 / scale 1.5305) and
+    SD3's `FlowMatchEulerDiscreteScheduler` (shift 3). 64 px images: 8x8 latents, 16 image tokens;
+    the text sequence is 77 CLIP + `max_sequence_length` (256 by default) T5 tokens."""
+    return _sd3_components(
+        (_TINY_SD3_TRANSFORMER, dict(_TINY_MMDIT_VAE, sample_size=64), _TINY_SD3_CLIP, _TINY_SD3_CLIP, _TINY_T5), seed
+    )
+
+
+def sd35_medium_random_components(
+    seed: int = 0, size: int = 1024, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Stable Diffusion 3.5 Medium's architecture with random weights, offline, for speed and memory benchmarks;
+    built directly in `dtype` on `device` (`"meta"` for shapes only).
+
+    Transformer: the published config (transformer/config.json of stabilityai/stable-diffusion-3.5-medium, cited
+    from memory): `SD3Transformer2DModel(patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+    num_attention_heads=24, attention_head_dim=64, joint_attention_dim=4096, caption_projection_dim=1536,
+    pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=(0, ..., 12))`,
+    about 2.24B parameters; `sample_size` is `size // 8` (published: 128, i.e. 1024 px), which sets the
+    pipeline's default resolution. VAE: SD3's published 16-channel config (128/256/512/512, no quant convs,
+    shift 0.0609, scale 1.5305). Text encoders: CLIP ViT-L/14 (768, projection 768), OpenCLIP bigG/14 (1280,
+    projection 1280) and T5-XXL (d_model 4096, 64 heads, d_ff 10240) at their real widths but with ONE layer each
+    (they run once per call; the transformer's cost is what the benchmarks time), T5's vocabulary that of the
+    offline `t5_tokenizer()` (1000 pieces, not 32128). Scheduler: flow-matching Euler, shift 3."""
+    transformer = dict(_SD35_MEDIUM_TRANSFORMER, sample_size=size // 8)
+    vae = dict(_MMDIT_VAE, sample_size=size)
+    return _sd3_components((transformer, vae, _CLIP_L_1_LAYER, _CLIP_G_1_LAYER, _T5_XXL_1_LAYER), seed, dtype, device)
+
+
+def tiny_sd3_pipeline(seed: int = 0, scheduler: str = "default", torch_dtype: torch.dtype | None = None):
+    """A `StableDiffusion3SCFGPipeline` over `tiny_sd3_components(seed)`; `scheduler` as `loading.swap_scheduler`
+    ("default", flow-matching Euler, is the only one the model is trained for)."""
+    from .pipeline_sd3 import StableDiffusion3SCFGPipeline
+
+    pipe = StableDiffusion3SCFGPipeline(**tiny_sd3_components(seed))
+    swap_scheduler(pipe, scheduler)
+    return _ready(pipe, torch_dtype)
+
+
+def _flux_components(
+    sizes: tuple[dict, dict, dict, dict],
+    seed: int,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    transformer_cfg, vae_cfg, clip_cfg, t5_cfg = sizes
+    tokenizer_2 = t5_tokenizer()
+    scheduler = _flow_scheduler(_FLUX_SCHEDULER)
+    with _building(dtype, device):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**transformer_cfg)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**_MMDIT_VAE_LAYOUT, **_FLUX_VAE_SCALING, **vae_cfg)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_LAYOUT, **clip_cfg))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **_T5_LAYOUT, **t5_cfg))
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": tokenizer_2,
+        "scheduler": scheduler,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def tiny_flux_components(seed: int = 0, guidance_embeds: bool = False) -> dict[str, Any]:
+    """Tiny random `FluxPipeline` components, seeded: a `FluxTransformer2DModel` (2 double-stream + 4 single-stream
+    blocks, 2 heads of 16, rope axes (4, 4, 8), `joint_attention_dim` 32, `pooled_projection_dim` 32; with
+    `guidance_embeds=True` a guidance-distilled one, as FLUX.1-dev), a `CLIPTextModel` (hidden 32; its pooled
+    output conditions), a T5 encoder (d_model 32, 2 layers) over `t5_tokenizer()` as `tokenizer_2`, a 16-channel
+    VAE with 4 levels (vae_scale_factor 8; Flux's shift 0.1159 / scale 0.3611) and Flux's dynamically shifted
+    `FlowMatchEulerDiscreteScheduler`. 64 px images: 8x8 latents packed 2x2, 16 image tokens; the text sequence
+    is `max_sequence_length` (512 by default) T5 tokens (CLIP gives only the pooled vector)."""
+    transformer = dict(_TINY_FLUX_TRANSFORMER, guidance_embeds=guidance_embeds)
+    return _flux_components((transformer, dict(_TINY_MMDIT_VAE, sample_size=64), _TINY_FLUX_CLIP, _TINY_T5), seed)
+
+
+def flux_dev_random_components(
+    seed: int = 0, size: int = 1024, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """FLUX.1-dev's architecture with random weights, offline, for speed and memory benchmarks; built directly in
+    `dtype` on `device` (`"meta"` for shapes only).
+
+    Transformer: the published config (transformer/config.json of black-forest-labs/FLUX.1-dev, cited from
+    memory): `FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+    num_attention_heads=24, attention_head_dim=128, joint_attention_dim=4096, pooled_projection_dim=768,
+    axes_dims_rope=(16, 56, 56), guidance_embeds=True)`, about 11.9B parameters. VAE: FLUX.1's published
+    16-channel config (128/256/512/512, no quant convs, shift 0.1159, scale 0.3611; `sample_size` = `size`).
+    Text encoders: CLIP ViT-L/14 (768; pooled output) and T5-XXL (d_model 4096, 64 heads, d_ff 10240) at their
+    real widths but with ONE layer each, T5's vocabulary that of the offline `t5_tokenizer()` (1000 pieces).
+    Scheduler: flow-matching Euler with FLUX.1's dynamic shift (0.5 at 256 image tokens, 1.15 at 4096).
+    `FluxPipeline` has no sample-size config (its default is 1024 px whatever `size` is): pass height/width."""
+    vae = dict(_MMDIT_VAE, sample_size=size)
+    return _flux_components((_FLUX_DEV_TRANSFORMER, vae, _CLIP_L_1_LAYER, _T5_XXL_1_LAYER), seed, dtype, device)
+
+
+def tiny_flux_pipeline(
+    seed: int = 0, scheduler: str = "default", torch_dtype: torch.dtype | None = None, guidance_embeds: bool = False
+):
+    """A `FluxSCFGPipeline` over `tiny_flux_components(seed, guidance_embeds)`; `scheduler` as
+    `loading.swap_scheduler` ("default", Flux's flow-matching Euler, is the only one the model is trained for)."""
+    from .pipeline_flux import FluxSCFGPipeline
+
+    pipe = FluxSCFGPipeline(**tiny_flux_components(seed, guidance_embeds))
+    swap_scheduler(pipe, scheduler)
+    return _ready(pipe, torch_dtype)

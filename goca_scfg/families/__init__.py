@@ -8,12 +8,14 @@ Adding a family: docs/families.md.
 from __future__ import annotations
 
 from .base import BenchShapes, Family, GoCAPreset, PresetMatch, SweepPreset, resolve
+from .flux import FAMILY as FLUX
 from .pixart import FAMILY as PIXART_SIGMA
 from .sd import FAMILY as SD
+from .sd3 import FAMILY as SD3
 from .sdxl import FAMILY as SDXL
 
 # In order of preference: the first family is every tool's default (`--arch`, the sweep's default model).
-FAMILIES: tuple[Family, ...] = (SD, SDXL, PIXART_SIGMA)
+FAMILIES: tuple[Family, ...] = (SD, SDXL, PIXART_SIGMA, SD3, FLUX)
 
 
 def _check(families: tuple[Family, ...]) -> None:

@@ -33,7 +33,9 @@ class GoCAPreset:
     they did not configure (§8.4): cross blocks (None: all), the dense block whose attn2 query is the similarity's
     reference, the propagation blocks and order, the segmentation grid's factor (None: the propagation blocks' grid),
     the branch whose global token gives the foreground ("uncond": the uncond map of token 0, SD; "cond": the cond
-    `</s>` map put into the uncond half, PixArt-Sigma) and the name `GoCALayers.describe` reports."""
+    `</s>` map put into the uncond half, PixArt-Sigma) and the name `GoCALayers.describe` reports. Joint-attention
+    presets (§8.5) also fix the head aggregation (`head`: the authors' Flux config averages heads) and take the
+    reference from the dense block's attention output (`reference="output"`) instead of its query."""
 
     cross: tuple[str, ...] | None
     dense: str
@@ -42,6 +44,8 @@ class GoCAPreset:
     grid_factor: int | None = None
     foreground: Literal["uncond", "cond"] = "uncond"
     name: str = "preset"
+    head: Literal["dot", "average"] | None = None
+    reference: Literal["query", "output"] = "query"
 
 
 # A preset applies to a denoiser whose layout the matcher accepts (it reads `ModelLayout`, never the weights).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -45,10 +46,13 @@ class SegmentationContext:
 
 @dataclass(frozen=True)
 class CapturePlan:
-    """The layers to record (`requests[name]` ⊆ {"q", "k", "o"}) and their in-forward reductions."""
+    """The layers to record (`requests[name]` ⊆ {"q", "k", "o"}), their in-forward reductions, and the rows the
+    record holds: "cfg", the whole [uncond; cond] batch; "cond", the cond branch only (a batched CFG call keeps its
+    cond half, a pipeline calling the branches separately records the cond call)."""
 
     requests: dict[str, set[Field]]
     reducers: dict[str, Reduce] = field(default_factory=dict)
+    rows: Literal["cfg", "cond"] = "cfg"
 
 
 class Segmentor(abc.ABC):

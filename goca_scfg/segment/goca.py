@@ -22,6 +22,7 @@ from torch.profiler import record_function
 from ..capture import HEAD_MEAN, AttentionRecord, Field, Reduce
 from ..config import GoCAConfig
 from ..families import GoCAPreset, PresetMatch, goca_presets
+from ..families.flux import FLUX_DENSE, FLUX_DEPTH, FLUX_PRESET, FLUX_SELF
 from ..families.pixart import PIXART_BAND, PIXART_DENSE, PIXART_DEPTH, PIXART_SIGMA_PRESET
 from ..layout import AttentionLayer, ModelLayout
 from ..ops import (
@@ -38,6 +39,7 @@ from ..ops import (
 )
 from ..tokens import live_ends
 from .base import CapturePlan, SegmentationContext, Segmentor
+from .goca_joint import joint_layer_pass, pad_tokens, reference_feature
 
 logger = logging.getLogger(__name__)
 
@@ -207,14 +209,21 @@ def renorm_per_token(maps: Tensor, taps: Tensor, eps: float) -> Tensor:
 
 
 def propagate_self_attention(
-    maps: Tensor, queries: list[Tensor], keys: list[Tensor], heads: list[int], scales: list[float], order: int
+    maps: Tensor,
+    queries: list[Tensor],
+    keys: list[Tensor],
+    heads: list[int],
+    scales: list[float],
+    order: int,
+    row_weights: list[Tensor] | None = None,
 ) -> Tensor:
     """C ← S^order·C with S = mean over blocks and heads of softmax(Q Kᵀ·scale) (algorithm.md §2.6, §4.3).
 
     maps: (B, T, H, W); queries/keys: per block (B, N, C) at the maps' grid (N = H·W). S is never formed: each
     product is a fused attention call with the maps as values. Head sizes are zero-padded to multiples of 8 (q/k to
     the head size, the values to the channel count; q·k is unchanged and the scale is passed explicitly), so fused
-    kernels apply and no N×N map is materialised. Returns (B, T, H, W).
+    kernels apply and no N×N map is materialised. `row_weights` (per block (B, H, N)): each head's rows scaled, as a
+    joint-attention self map's rows sum to the image share 1 − m_h(p) (algorithm.md §8.5). Returns (B, T, H, W).
     """
     b, t, hh, ww = maps.shape
     n = hh * ww
@@ -223,13 +232,16 @@ def propagate_self_attention(
     v = F.pad(x, (0, width_v - t))
     for _ in range(order):
         acc = torch.zeros_like(v)
-        for q, k, n_heads, scale in zip(queries, keys, heads, scales):  # one block's q/k alive at a time
+        for i, (q, k, n_heads, scale) in enumerate(zip(queries, keys, heads, scales)):  # one block alive at a time
             d = q.shape[-1] // n_heads
             width_qk = -(-d // 8) * 8
             qh = F.pad(q.float().view(b, n, n_heads, d).transpose(1, 2), (0, width_qk - d))
             kh = F.pad(k.float().view(b, n, n_heads, d).transpose(1, 2), (0, width_qk - d))
             vh = v.unsqueeze(1).expand(b, n_heads, n, width_v)
-            acc += F.scaled_dot_product_attention(qh, kh, vh, scale=scale).mean(dim=1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+            if row_weights is not None:
+                out = out * row_weights[i].float().unsqueeze(-1)
+            acc += out.mean(dim=1)
         v = acc / len(queries)
     x = v[..., :t]
     return x.transpose(1, 2).reshape(b, t, hh, ww)
@@ -296,7 +308,9 @@ def propagate(maps: Tensor, propagation: PropagationInputs) -> Tensor:
     hw = tuple(maps.shape[-2:])
     args = (propagation.queries, propagation.keys, propagation.heads, propagation.scales, propagation.order)
     if n == hw[0] * hw[1]:
-        return propagate_self_attention(maps, *args)
+        return propagate_self_attention(maps, *args, row_weights=propagation.row_weights)
+    if propagation.row_weights is not None:
+        raise ValueError("joint-attention propagation runs on its blocks' own grid")
     return propagate_upsampled_self_attention(maps, *args, grid_shape(n, hw))
 
 
@@ -360,10 +374,15 @@ class PropagationInputs:
     heads: list[int]
     scales: list[float]
     order: int = 2  # SD v1.5's (cfg15 L74-79)
+    row_weights: list[Tensor] | None = None  # joint attention: per block the heads' image shares (B, H, N)
 
     def sample(self, i: int) -> PropagationInputs:
         """The inputs of sample i alone (shapes independent of the batch)."""
-        return replace(self, queries=[q[i : i + 1] for q in self.queries], keys=[k[i : i + 1] for k in self.keys])
+        weights = [w[i : i + 1] for w in self.row_weights] if self.row_weights is not None else None
+        return replace(
+            self, queries=[q[i : i + 1] for q in self.queries], keys=[k[i : i + 1] for k in self.keys],
+            row_weights=weights,
+        )  # fmt: skip
 
 
 def goca_layer_weights(
@@ -373,7 +392,7 @@ def goca_layer_weights(
     batch = layers[0].attn_cross.shape[0]
     if config.layer == "average":
         return torch.full((batch, len(layers)), 1.0 / len(layers), device=layers[0].attn_cross.device)
-    pseudo = pseudo_self_attention(dense, config.layer_query_stride)
+    pseudo = pseudo_self_attention(reference_feature(dense, config.reference_channels), config.layer_query_stride)
     sims = torch.stack(
         [
             layer_similarity(
@@ -474,6 +493,25 @@ def transformer_rule(layout: ModelLayout) -> GoCAPreset:
     )
 
 
+def joint_rule(layout: ModelLayout) -> GoCAPreset:
+    """GoCA's layers for a joint-attention transformer the authors did not configure (algorithm.md §8.5): their Flux
+    preset at the same relative depths. Of the L joint blocks (call order), all give cross maps; block
+    round(27·(L − 1)/56) is the reference; blocks round(12·(L − 1)/56) and round(18·(L − 1)/56) (one where they
+    coincide) give the propagation, order 2. At L = 57 these are the preset's blocks."""
+    blocks = list(dict.fromkeys(x.block for x in layout.of_kind("cross")))
+    span = FLUX_DEPTH - 1
+
+    def at(index: int) -> str:
+        return blocks[(2 * index * (len(blocks) - 1) + span) // (2 * span)]
+
+    return replace(
+        FLUX_PRESET,
+        dense=at(FLUX_DENSE),
+        self_blocks=tuple(dict.fromkeys(at(i) for i in FLUX_SELF)),
+        name=f"rule for a {len(blocks)}-block joint-attention transformer (algorithm.md §8.5)",
+    )
+
+
 def default_dense_block(layout: ModelLayout) -> str:
     """GoCA's dense feature block by the SD v1.5 rule (algorithm.md §2.4, §8.2): the 2nd up-path cross block at
     latent/2 (SD v1.5: `up_blocks.2.attentions.1`), the last one where that grid has one; without latent/2
@@ -516,6 +554,8 @@ class GoCALayers:
     rule: str = "config"
     configured: frozenset[str] = frozenset()
     cross_total: int = 0
+    head: str = "dot"
+    reference: str = "query"
 
     def describe(self) -> str:
         """One line saying which rule applied and what it chose (algorithm.md §8); parts the config named are marked
@@ -532,8 +572,9 @@ class GoCALayers:
         else:
             prop = f"no propagation{mark('order')}"
         fg = "cond global token" if self.foreground == "cond" else "uncond token 0"
+        dense = f"dense {self.dense.block}{' attention output' if self.reference == 'output' else ''}{mark('dense')}"
         return (
-            f"{self.rule}: cross {cross}{mark('cross')}; dense {self.dense.block}{mark('dense')}; {prop}; "
+            f"{self.rule}: cross {cross}{mark('cross')}; heads {self.head}; {dense}; {prop}; "
             f"segmentation at latent/{self.factor}; foreground from the {fg}"
         )
 
@@ -560,6 +601,8 @@ def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
     preset = next((p for match, p in GOCA_PRESETS if match(layout)), None)
     if preset is None and layout.arch == "transformer":
         preset = transformer_rule(layout)
+    if preset is None and layout.arch == "joint":
+        preset = joint_rule(layout)
     configured = {
         part
         for part, value in [
@@ -595,6 +638,10 @@ def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
         rule=preset.name if preset else "SD v1.5 rules (algorithm.md §8.2)",
         configured=frozenset(configured),
         cross_total=len(layout.of_kind("cross")),
+        # joint attention: the preset's head method (the authors' Flux config averages heads; per-head output
+        # weights are not defined for single-stream blocks, whose output projection mixes in the MLP)
+        head=preset.head if preset is not None and preset.head is not None else config.head,
+        reference=preset.reference if preset is not None else "query",
     )
 
 
@@ -635,9 +682,83 @@ class GoCASegmentor(Segmentor):
         self.cond_only = self.layers.foreground == "cond"
         self._layer_weights: Tensor | None = None
         layout = context.layout
+        if layout.arch == "joint":
+            return self._start_joint(context)
         self.self_of = {x.name: layout.sibling(x, "self").name for x in self.layers.cross}
         self.plan = CapturePlan(*self._requests(layout))
         return self.plan
+
+    # ------------------------------------------------------------------------------------ joint attention (§8.5)
+
+    def _start_joint(self, context: SegmentationContext) -> CapturePlan:
+        """A joint layout's plan: the cross view (image queries, text keys, image keys) of every block that gives
+        cross maps or propagation, the dense block's attention output; cond rows only, nothing reduced in the
+        forward pass (the similarity needs the reference, which a later block computes)."""
+        layout, layers = context.layout, self.layers
+        self.cross_of = {x.name: layout.sibling(x, "cross").name for x in layers.propagation}
+        req: dict[str, set[Field]] = {}
+        for name in [x.name for x in layers.cross] + list(self.cross_of.values()):
+            req.setdefault(name, set()).update({"q", "k"})
+        req.setdefault(layers.dense.name, set()).add("o" if layers.reference == "output" else "q")
+        # the columns that stay in the maps: the cond half of the context mask (padding and unused encoders out)
+        self.keep = split_cfg(context.key_mask)[1] if context.key_mask is not None else None
+        self.plan = CapturePlan(req, {}, rows="cond")
+        return self.plan
+
+    def _segment_joint(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
+        """Masks and foreground from a joint layout's cond record (algorithm.md §8.5): one pass per layer for its
+        cross map, its similarity to the reference and its image share, then GoCA's §2.4–2.7 as on PixArt-Sigma."""
+        cfg, layers = self.config, self.layers
+        refresh = self._layer_weights is None or step % cfg.layer_refresh == 0
+        pseudo = None
+        if cfg.layer == "similarity" and refresh:
+            ref = record[layers.dense.name]
+            feature = ref.o if layers.reference == "output" else ref.q
+            pseudo = pseudo_self_attention(reference_feature(feature, cfg.reference_channels))
+        maps, sims, shares = [], [], {}
+        prop = {self.cross_of[x.name] for x in layers.propagation}
+        with record_function("goca_scfg::goca_joint_layers"):
+            for name in dict.fromkeys([x.name for x in layers.cross] + sorted(prop)):
+                slot = record[name]
+                out = joint_layer_pass(
+                    slot.q, slot.k, slot.k_rest, slot.heads, slot.scale,
+                    pseudo=pseudo if name in {x.name for x in layers.cross} else None,
+                    text_only=cfg.cross_norm == "text",
+                )  # fmt: skip
+                if name in prop:
+                    shares[name] = out.image_share
+                if name not in {x.name for x in layers.cross}:
+                    continue
+                cross = out.cross
+                if self.keep is not None:
+                    cross = cross * pad_tokens(self.keep.to(cross.device), cross.shape[-1]).unsqueeze(1).float()
+                maps.append(to_grid(cross, grid_shape(cross.shape[1], self.latent_hw)))
+                if out.similarity is not None:
+                    sims.append(out.similarity)
+        if refresh:
+            batch = maps[0].shape[0]
+            if cfg.layer == "average":
+                self._layer_weights = torch.full((batch, len(maps)), 1.0 / len(maps), device=maps[0].device)
+            else:
+                self._layer_weights = layer_weights_similarity(torch.stack(sims, dim=1), cfg.eps)
+        with record_function("goca_scfg::goca_aggregate"):
+            agg = aggregate_layers(maps, self._layer_weights, self.seg_hw, cfg.eps)
+        t = agg.shape[1]
+        agg = global_token_into_uncond(torch.cat([agg, agg]), self.global_index)
+        names = [self.cross_of[x.name] for x in layers.propagation]
+        propagation = PropagationInputs(
+            queries=[record[n].q for n in names],
+            keys=[record[n].k_rest for n in names],
+            heads=[record[n].heads for n in names],
+            scales=[record[n].scale for n in names],
+            order=layers.order,
+            row_weights=[shares[n] for n in names],
+        )
+        device = agg.device
+        with record_function("goca_scfg::goca_segment"):
+            rescale, live = pad_tokens(self.rescale_tokens, t).to(device), pad_tokens(self.live_tokens, t).to(device)
+            masks, fg = goca_segment(agg, propagation, rescale, live, cfg)
+        return resize_nearest(masks, self.latent_hw), resize_nearest(fg, self.latent_hw)
 
     def _requests(self, layout: ModelLayout) -> tuple[dict[str, set[Field]], dict[str, Reduce]]:
         """Fields per layer and their in-forward reductions: A_ℓ of each cross layer (§2.3), and for self layers
@@ -685,6 +806,8 @@ class GoCASegmentor(Segmentor):
         return req, reducers
 
     def segment(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
+        if self.plan.rows == "cond":
+            return self._segment_joint(step, record)
         cfg = self.config
         inputs = [self._cross_inputs(record, x) for x in self.layers.cross]
         if self._layer_weights is None or step % cfg.layer_refresh == 0:
