@@ -2,28 +2,34 @@
 
 Every argument is checked before the model loads; a bad one ends the command with one line `error: …` on stderr and
 exit status 2 (`--debug` shows the traceback instead). torch and diffusers are imported only to generate, so
-`--help` and usage errors answer at once. Nothing is written unless the whole command succeeds.
+`--help` and usage errors answer at once. Nothing is written unless the whole command succeeds; an output that is a
+symbolic link is written through (the file it points at is replaced, the link stays). A run that takes longer than
+a few seconds prints `step i/N …` progress lines on stderr. The bounds and every refused input: docs/bad_input.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checks import check_float, check_int
-from .families import FAMILIES
-from .loading import TINY_MODELS
+from .checks import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS, check_float, check_int
+from .families import FAMILIES, Family, family_of
+from .loading import SCFG_PIPELINES, TINY_MODELS
 from .vocab import DTYPE_NAMES, METHOD_ALIASES, METHOD_NAMES, SCHEDULER_NAMES, get_method, torch_dtype
 
 MAX_SIZE = 4096  # pixels per side; larger requests are refused rather than left to exhaust memory
 SIZE_MULTIPLE = 8  # the VAE's down-sampling factor in SD v1.x/2.x
 USAGE_ERROR = 2  # bad input
 RUN_ERROR = 1  # a failure while generating
+PROGRESS_EVERY_S = 10.0  # a progress line at most this often; runs shorter than this print none
 
 
 class CLIError(Exception):
@@ -104,16 +110,36 @@ def _parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help=f"guidance method: {', '.join(methods)} ('none' = 'cfg', plain CFG; default goca)",
     )
-    gen.add_argument("--guidance-scale", type=_arg_type(check_float), default=7.5, help="finite number (default 7.5)")
-    gen.add_argument("--steps", type=_arg_type(check_int, minimum=1), default=50, help="denoising steps, >= 1")
-    gen.add_argument("--seed", type=_arg_type(check_int, minimum=0), default=42, help="generator seed, >= 0")
+    w_max = f"{MAX_GUIDANCE_SCALE:g}"
+    gen.add_argument(
+        "--guidance-scale",
+        type=_arg_type(check_float, at_least=-MAX_GUIDANCE_SCALE, at_most=MAX_GUIDANCE_SCALE),
+        default=7.5,
+        help=f"between -{w_max} and {w_max}; <= 1 turns CFG off (default 7.5)",
+    )
+    gen.add_argument(
+        "--steps",
+        type=_arg_type(check_int, minimum=1, maximum=MAX_STEPS),
+        default=50,
+        help=f"denoising steps, 1 to {MAX_STEPS} (the schedulers' training timesteps; default 50)",
+    )
+    gen.add_argument(
+        "--seed",
+        type=_arg_type(check_int, minimum=0, maximum=MAX_SEED),
+        default=42,
+        help="generator seed, 0 to 2**64-1 (default 42)",
+    )
     size_help = f"pixels, a multiple of {SIZE_MULTIPLE} up to {MAX_SIZE} (default: the model's native size)"
     gen.add_argument("--height", type=_size, default=None, help=size_help)
     gen.add_argument("--width", type=_size, default=None, help=size_help)
     gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="default")
     gen.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: fp16 on CUDA, else fp32")
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    gen.add_argument("--out", required=True, help="output image; the extension picks the format (.png, .jpg, …)")
+    gen.add_argument(
+        "--out",
+        required=True,
+        help="output image; the extension picks the format (.png, .jpg, …); a symbolic link is written through",
+    )
     gen.add_argument("--maps", default=None, help="also write the last step's regions, foreground and rate (image)")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -138,21 +164,36 @@ def _pil_format(path: Path) -> str | None:
     return fmt if fmt in Image.SAVE else None
 
 
+def _write_target(flag: str, value: str, path: Path) -> Path:
+    """The file to write for `path`: itself, or the file a symbolic link (chain) points at, so that the link is
+    written through and never replaced by a file; a link that loops is refused."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops where a chain of links loops
+        raise CLIError(f"{flag} {value} is a symbolic link that loops; give a file name")
+    return target
+
+
 def check_output(flag: str, value: str) -> OutputFile:
-    """The file named by `flag` can be written: its folder exists and is writable, PIL knows its extension."""
+    """The file named by `flag` can be written: its folder exists and is writable, PIL knows its extension (the one
+    typed); a symbolic link names the file it points at."""
     path = Path(value).expanduser()
     if path.is_dir():
         raise CLIError(f"{flag} {value} is a folder; give a file name such as {path / 'image.png'}")
-    folder = path.parent.resolve()
+    target = _write_target(flag, value, path)
+    folder = target.parent.resolve()
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"{flag} {value}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise CLIError(f"{flag} {value}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise CLIError(f"{flag} {value}: no permission to write there")
     fmt = _pil_format(path)
     if fmt is None:
         shown = path.suffix or "(no extension)"
         raise CLIError(f"{flag} {value}: cannot write {shown} images; use an image extension such as .png or .jpg")
-    return OutputFile(folder / path.name, fmt)
+    return OutputFile(folder / target.name, fmt)
 
 
 def _check_text(flag: str, text: str | None) -> None:
@@ -169,26 +210,49 @@ def _looks_local(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1 or os.path.exists(model)
 
 
-def check_model(model: str) -> None:
-    """A local model folder must exist and hold `model_index.json`; hub ids are checked when loading."""
-    if model in TINY_MODELS or not _looks_local(model):
-        return
+def check_model(model: str) -> Family | None:
+    """A local model folder must exist and hold a `model_index.json` naming a pipeline with an SCFG pipeline.
+    Returns the model's family (None for a hub id: checked when loading)."""
+    if model in TINY_MODELS:
+        return next(f for f in FAMILIES if model in f.tiny_models)
+    if not _looks_local(model):
+        return None
     path = Path(model).expanduser()
     if not path.exists():
         raise CLIError(f"--model {model}: no such folder")
-    if not (path / "model_index.json").is_file():
+    index = path / "model_index.json"
+    if not index.is_file():
         raise CLIError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        name = json.loads(index.read_text(encoding="utf-8"))["_class_name"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        name = None
+    if not isinstance(name, str):
+        raise CLIError(f"--model {model}: its model_index.json is not a diffusers index (no readable _class_name)")
+    if name not in SCFG_PIPELINES:
+        raise CLIError(f"--model {model} is a {name}; SCFG pipelines exist for {', '.join(sorted(SCFG_PIPELINES))}")
+    return family_of(name)
+
+
+def check_method(family: Family | None, segmentor: str) -> None:
+    """S-CFG's segmentation reads UNet blocks: a transformer model (PixArt-Sigma, …) gets GoCA or plain CFG."""
+    method = get_method(segmentor)
+    if family is not None and family.denoiser == "transformer" and method.segmentor == "scfg":
+        raise CLIError(
+            f"--segmentor {segmentor}: S-CFG's segmentation is defined for UNet models only, and {family.title} is a "
+            "transformer; use goca, goca-vanilla (the authors' baseline there) or cfg"
+        )
 
 
 def check_args(args: argparse.Namespace) -> tuple[OutputFile, OutputFile | None]:
     """Every check that needs neither torch nor the model. Returns the output files."""
     _check_text("--prompt", args.prompt)
     _check_text("--negative-prompt", args.negative_prompt)
-    check_model(args.model)
+    check_method(check_model(args.model), args.segmentor)
     out = check_output("--out", args.out)
     maps = check_output("--maps", args.maps) if args.maps is not None else None
     if maps is not None:
-        if maps.path == out.path:
+        if maps.path == out.path or (maps.path.exists() and out.path.exists() and maps.path.samefile(out.path)):
             raise CLIError(f"--out and --maps name the same file ({out.path}); the maps would replace the image")
         if get_method(args.segmentor).segmentor is None or args.guidance_scale <= 1:
             raise CLIError("--maps needs segmentation: a segmentor other than cfg/none and --guidance-scale > 1")
@@ -204,6 +268,10 @@ def _check_device(device: str) -> None:
         raise CLIError(f"--device {device}: not a torch device name (e.g. cpu, cuda, cuda:1)") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device}: CUDA is not available on this machine")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device}: MPS is not available on this machine")
+    if kind == "meta":
+        raise CLIError(f"--device {device}: the meta device holds no weights; use cpu or cuda")
 
 
 def _offline() -> bool:
@@ -242,10 +310,60 @@ def _write_atomically(target: OutputFile, image) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=target.format)
+        os.chmod(tmp, _file_mode(target.path))  # mkstemp's 0600 would make the image private
         os.replace(tmp, target.path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode(path: Path) -> int:
+    """The permission bits a replaced file keeps, or a new file's (0666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+class _Progress:
+    """Step-end callback: `step i/N, s elapsed, about s left` on stderr once `every` seconds have passed since the
+    start or the last line, and the last step when any line was printed; a short run prints nothing."""
+
+    def __init__(self, every: float | None = None) -> None:
+        self.every = PROGRESS_EVERY_S if every is None else every
+        self.start = self.last = time.monotonic()
+        self.printed = False
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        now = time.monotonic()
+        done, total = step + 1, max(getattr(pipe, "_num_timesteps", 0) or 0, step + 1)
+        if now - self.last >= self.every or (done == total and self.printed):
+            elapsed = now - self.start
+            left = elapsed / done * (total - done)
+            print(f"step {done}/{total}, {elapsed:.0f} s, about {left:.0f} s left", file=sys.stderr, flush=True)
+            self.last, self.printed = now, True
+        return {}
+
+
+# the pipeline's argument names in its own errors → the options that set them
+_FLAGS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "height": "--height",
+    "width": "--width",
+    "segmentor": "--segmentor",
+    "prompt": "--prompt",
+    "negative_prompt": "--negative-prompt",
+    "generator": "--seed",
+}
+
+
+def _name_options(message: str) -> str:
+    """A pipeline error as the CLI reports it: prefixed with the options it is about ("--height/--width: …")."""
+    flags = [flag for name, flag in _FLAGS.items() if re.search(rf"\b{name}\b", message) and flag not in message]
+    return f"{'/'.join(dict.fromkeys(flags))}: {message}" if flags else message
 
 
 def _maps_picture(image, step_maps):
@@ -276,6 +394,7 @@ def generate(args: argparse.Namespace) -> None:
     dtype = torch_dtype(args.dtype or "auto", torch.device(device).type)
     pipe = _load(args.model, dtype, device)
     swap_scheduler(pipe, args.scheduler)
+    pipe.set_progress_bar_config(disable=True)  # our own progress lines instead (tiny models have none)
     default_h, default_w = native_size(pipe)
     method = get_method(args.segmentor)
     kwargs = method.pipeline_kwargs()
@@ -291,10 +410,11 @@ def generate(args: argparse.Namespace) -> None:
             guidance_scale=args.guidance_scale,
             generator=torch.Generator(device="cpu").manual_seed(args.seed),
             return_maps=maps is not None,
+            callback_on_step_end=_Progress(),
             **kwargs,
         )
     except (ValueError, TypeError) as err:  # the pipeline's own input checks
-        raise CLIError(str(err)) from err
+        raise CLIError(_name_options(str(err))) from err
     image = result.images[0]
     picture = None
     if maps is not None:

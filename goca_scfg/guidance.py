@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from .capture import AttentionRecord
-from .checks import check_bool, check_float
+from .checks import check_bool, check_float, check_masks
 from .ops import scfg_blur_taps, smooth
 from .segment.base import SegmentationContext, Segmentor
 
@@ -171,6 +171,7 @@ class SpatialGuidance:
         return_maps: bool = False,
     ) -> None:
         self.segmentor = segmentor
+        self.batch, self.latent_hw = context.batch, context.latent_hw  # what every step's masks must match
         self.plan = segmentor.start(context)
         self.rate_rule = rate_rule or SCFGRate()
         self.tokens = context.tokens.strings if context.tokens is not None else None
@@ -187,8 +188,10 @@ class SpatialGuidance:
         return self.plan.reducers
 
     def masks(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
-        """Region masks (B, T, H, W) and foreground (B, 1, H, W) at latent size from one denoiser call's record."""
-        return self.segmentor.segment(step, record)
+        """Region masks (B, T, H, W) and foreground (B, 1, H, W) at latent size from one denoiser call's record
+        (checked: a segmentor of your own that returns other shapes is named, not broadcast into the rate)."""
+        result = self.segmentor.segment(step, record)
+        return check_masks(type(self.segmentor).__name__, step, result, self.batch, self.latent_hw)
 
     def __call__(
         self,

@@ -170,10 +170,15 @@ class SCFGGuidance(BaseGuidance):
         """ε̂ from both branches: segmented (rate map r) where this step records both, else plain CFG."""
         if not self._is_cfg_enabled():
             return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
-        if self.segmentor is None or set(self._records) != {"cond", "uncond"}:
+        cond_only = self._rows == "cond"
+        recorded = {"cond"} if cond_only else {"cond", "uncond"}
+        if self.segmentor is None or set(self._records) != recorded:
             pred = pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)
             return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
-        record = join_branches(self._records.pop("uncond"), self._records.pop("cond"))
+        if cond_only:  # joint attention: the plan reads the cond call only (algorithm.md §8.5)
+            record = AttentionRecord(layers=self._records.pop("cond"))
+        else:
+            record = join_branches(self._records.pop("uncond"), self._records.pop("cond"))
         guide = self._guide or self._final_guide()
         pred = guide(self._step, self._timestep, record, pred_uncond, pred_cond, self.guidance_scale)
         self.maps, self.rates = guide.maps, guide.step_rates()
@@ -204,6 +209,7 @@ class SCFGGuidance(BaseGuidance):
         self._requests: dict | None = None  # the layers and fields recorded in this call
         self._context: dict[str, Any] = {}  # layout, latent size, batch, tokens, blank uncond rows
         self._records: dict[str, dict[str, LayerTensors]] = {}
+        self._rows = "cfg"  # the plan's rows: "cond" when only the cond branch is recorded (joint attention)
         self._capture: tuple[str, Any, AttentionRecord] | None = None
         self._hooks: list = []
 
@@ -240,7 +246,10 @@ class SCFGGuidance(BaseGuidance):
                 if branch == "uncond" and text is not None and "blank" not in self._context:
                     self._context["blank"] = text.flatten(1).abs().amax(dim=1) == 0
                 if self._requests is None:
-                    self._requests = self._plan(module, sample).requests
+                    plan = self._plan(module, sample, text)
+                    self._requests, self._rows = plan.requests, plan.plan.rows
+                if branch == "uncond" and self._rows == "cond":
+                    return
                 capture = capture_attention(module, self._requests)
                 self._capture = (branch, capture, capture.__enter__())
             except Exception:
@@ -274,15 +283,21 @@ class SCFGGuidance(BaseGuidance):
             self.tokenizer = clip_tokenizer()
         return clip_prompt_tokens(self.tokenizer, captions, batch // len(captions))
 
-    def _plan(self, denoiser: nn.Module, sample: Tensor) -> SpatialGuidance:
+    def _plan(self, denoiser: nn.Module, sample: Tensor, text: Tensor | None = None) -> SpatialGuidance:
         """A provisional plan at the call's first denoiser call, for latents shaped like `sample` (one branch's
-        batch): the layers to record. The uncond branch is not seen yet."""
+        batch): the layers to record. The uncond branch is not seen yet. On joint attention the maps keep the
+        caption tokenizer's positions, which open the context (SD3's CLIP part; algorithm.md §8.5)."""
         layout = ModelLayout.of(denoiser)
         self.segmentor.check_layout(layout)
         batch = int(sample.shape[0])
+        tokens = self._tokens(batch)
+        key_mask = None
+        if layout.arch == "joint" and text is not None and tokens is not None:
+            key_mask = torch.zeros(2 * batch, text.shape[1], dtype=torch.bool)
+            key_mask[:, : tokens.ids.shape[1]] = True
         self._context.update(
-            layout=layout, latent_hw=(int(sample.shape[-2]), int(sample.shape[-1])), batch=batch,
-            tokens=self._tokens(batch),
+            layout=layout, latent_hw=(int(sample.shape[-2]), int(sample.shape[-1])), batch=batch, tokens=tokens,
+            key_mask=key_mask,
         )  # fmt: skip
         return self._guide_for(blank=None, return_maps=False)
 
@@ -297,5 +312,7 @@ class SCFGGuidance(BaseGuidance):
     def _guide_for(self, blank: Tensor | None, return_maps: bool) -> SpatialGuidance:
         """A `SpatialGuidance` over this call's context (layout, latent size, batch, tokens) and blank uncond rows."""
         ctx = self._context
-        context = SegmentationContext(ctx["layout"], ctx["latent_hw"], ctx["batch"], ctx["tokens"], uncond_blank=blank)
+        context = SegmentationContext(
+            ctx["layout"], ctx["latent_hw"], ctx["batch"], ctx["tokens"], ctx.get("key_mask"), uncond_blank=blank
+        )
         return SpatialGuidance(make_segmentor(self.segmentor), context, self.rate_rule, return_maps)

@@ -144,6 +144,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
+        height, width = self.default_size(height, width)  # [S-CFG] each missing side alone, as SDXL (SD resets both)
         # 0. Default height and width to unet
         if not height or not width:
             height = (
@@ -174,7 +175,11 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
         )
         segmentor, regions = self.check_scfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
             num_inference_steps, guidance_scale, height, width, timesteps, sigmas, segmentor, scfg_config, goca_config,
-            prompt, caption, prompt_embeds, rate_rule,
+            prompt, caption, prompt_embeds, rate_rule, latents=latents, generator=generator,  # [S-CFG]
+            num_images_per_prompt=num_images_per_prompt, negative_prompt=negative_prompt,  # [S-CFG]
+            negative_prompt_embeds=negative_prompt_embeds, return_maps=return_maps, output_type=output_type,  # [S-CFG]
+            callback_on_step_end=callback_on_step_end, guidance_rescale=guidance_rescale, eta=eta,  # [S-CFG]
+            clip_skip=clip_skip,  # [S-CFG]
         )  # fmt: skip
 
         self._guidance_scale = guidance_scale
@@ -323,6 +328,7 @@ class StableDiffusionSCFGPipeline(SCFGPipelineMixin, StableDiffusionPipeline):
                     for k in callback_on_step_end_tensor_inputs:
                         callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    self.check_step_end_outputs(i, callback_outputs, latents)  # [S-CFG] a dict; latents keep shape
 
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)

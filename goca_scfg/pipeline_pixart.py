@@ -206,7 +206,10 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
         self.check_step_end_callback(callback_on_step_end_tensor_inputs)
         segmentor, regions = self.check_scfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
             num_inference_steps, guidance_scale, height, width, timesteps, sigmas, segmentor, scfg_config, goca_config,
-            prompt, caption, prompt_embeds, rate_rule,
+            prompt, caption, prompt_embeds, rate_rule, latents=latents, generator=generator,  # [S-CFG]
+            num_images_per_prompt=num_images_per_prompt, negative_prompt=negative_prompt,  # [S-CFG]
+            negative_prompt_embeds=negative_prompt_embeds, return_maps=return_maps, output_type=output_type,  # [S-CFG]
+            callback_on_step_end=callback_on_step_end, eta=eta,  # [S-CFG]
         )  # fmt: skip
         self._guidance_scale = guidance_scale  # [S-CFG]
 
@@ -351,6 +354,7 @@ class PixArtSigmaSCFGPipeline(SCFGPipelineMixin, PixArtSigmaPipeline):
                     for k in callback_on_step_end_tensor_inputs:
                         callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    self.check_step_end_outputs(i, callback_outputs, latents)  # [S-CFG] a dict; latents keep shape
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     prompt_attention_mask = callback_outputs.pop("prompt_attention_mask", prompt_attention_mask)

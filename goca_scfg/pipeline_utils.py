@@ -17,18 +17,52 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from torch import Tensor
 
 from .capture import AttentionRecord, capture_attention
-from .checks import check_call_inputs, check_caption
+from .checks import (
+    MAX_GUIDANCE_SCALE,
+    check_bool,
+    check_call_inputs,
+    check_callable,
+    check_caption,
+    check_float,
+    check_generator,
+    check_int,
+    check_latents,
+    check_output_type,
+    check_prompt,
+    check_segmentor_arg,
+    check_step_end_outputs,
+    check_type,
+)
 from .config import GoCAConfig, SCFGConfig
 from .guidance import RateRule, SpatialGuidance, rate_rule_from
 from .layout import ModelLayout, unwrap
 from .ops import split_cfg
-from .segment import Segmentor, make_segmentor
+from .segment import SEGMENTORS, Segmentor, make_segmentor
 from .segment.base import SegmentationContext
 from .tokens import PromptTokens, clip_prompt_tokens
+from .vocab import METHOD_ALIASES, METHOD_NAMES
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SEGMENTOR = "goca"
+class _DefaultName(str):
+    """A default argument value equal to its name, told apart from the same name passed explicitly (`is`)."""
+
+
+DEFAULT_SEGMENTOR = _DefaultName("goca")  # `segmentor is DEFAULT_SEGMENTOR`: the caller did not choose one
+
+
+def check_configs(scfg_config: object, goca_config: object) -> None:
+    """`scfg_config` and `goca_config` must be their config objects (or None): not a dict, a name or each other."""
+    presets = {"scfg_config": "SCFGConfig.paper()", "goca_config": "GoCAConfig.fast()"}
+    for name, value, expected in (("scfg_config", scfg_config, SCFGConfig), ("goca_config", goca_config, GoCAConfig)):
+        hint = ""
+        if isinstance(value, dict):
+            hint = f" (build it: {expected.__name__}(**{value!r}))"
+        elif isinstance(value, str):
+            hint = f" (a preset is a classmethod, e.g. {presets[name]})"
+        elif isinstance(value, SCFGConfig | GoCAConfig):
+            hint = f" (a {type(value).__name__} goes to {'goca_config' if name == 'scfg_config' else 'scfg_config'}=)"
+        check_type(name, value, expected, hint)
 
 
 def cond_half(x: Tensor) -> Tensor:
@@ -93,16 +127,114 @@ class SCFGPipelineMixin:
         caption: str | list[str] | None,
         prompt_embeds: Tensor | None,
         rate_rule: RateRule | None = None,
+        *,
+        latents: Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_images_per_prompt: int = 1,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        return_maps: bool = False,
+        output_type: str | None = None,
+        callback_on_step_end: object = None,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        clip_skip: int | None = None,
     ) -> tuple[Segmentor | None, str | list[str] | None]:
         """What a call adds to diffusers' `check_inputs`, before any work: the inputs diffusers lets pass (steps may
-        be None with explicit `timesteps`/`sigmas`), the segmentor object checked against the denoiser, and the text
-        that names its regions (`region_text`); a `rate_rule` of the wrong type is refused."""
+        be None with explicit `timesteps`/`sigmas`; at most the scheduler's training timesteps), the segmentor object
+        checked against the denoiser, and the text that names its regions (`region_text`); a `rate_rule` of the wrong
+        type is refused. The keyword-only arguments are the call's own (each checked only where the call has it;
+        `output_type=None` is not checked): the errors are listed in docs/bad_input.md."""
+        scheduler_config = getattr(getattr(self, "scheduler", None), "config", None)
         check_call_inputs(
-            num_inference_steps, guidance_scale, height, width, timesteps is not None or sigmas is not None
-        )
+            num_inference_steps, guidance_scale, height, width, timesteps is not None or sigmas is not None,
+            max_steps=getattr(scheduler_config, "num_train_timesteps", None),
+        )  # fmt: skip
+        check_prompt("prompt", prompt)
+        check_prompt("negative_prompt", negative_prompt)
+        check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        check_bool("return_maps", return_maps)
+        check_float("guidance_rescale", guidance_rescale, at_least=0, at_most=1)
+        check_float("eta", eta, at_least=0, at_most=1)
+        if output_type is not None:
+            check_output_type(output_type)
+        check_callable("callback_on_step_end", callback_on_step_end)
+        if clip_skip is not None:
+            check_int("clip_skip", clip_skip, minimum=0, maximum=self._max_clip_skip())
+        self.check_text_embeds("prompt_embeds", prompt_embeds)
+        self.check_text_embeds("negative_prompt_embeds", negative_prompt_embeds)
+        check_segmentor_arg(segmentor, SEGMENTORS, Segmentor, (*METHOD_NAMES, *METHOD_ALIASES))
+        check_configs(scfg_config, goca_config)
         seg = self.prepare_segmentor(segmentor, scfg_config, goca_config)
         rate_rule_from(rate_rule)
+        if return_maps and seg is None:
+            logger.warning("return_maps=True with segmentor=None: nothing is segmented, so `maps` will be []")
+        if prompt is not None or prompt_embeds is not None:
+            rows = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            images = rows * num_images_per_prompt
+            check_generator(generator, images)
+            check_latents(latents, self.latents_shape(images, height, width), self.denoiser.dtype)
         return seg, self.region_text(seg, prompt, caption, prompt_embeds)
+
+    def latents_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, ...]:
+        """The shape of the initial latents `prepare_latents` makes for `batch` images (a `latents=` argument must
+        have it): (B, C, height/f, width/f), f the VAE factor. A pipeline with packed latents overrides it."""
+        if height is None or width is None:
+            height, width = self.default_size(height, width)
+        f = self.vae_scale_factor
+        return (batch, self.denoiser.config.in_channels, int(height) // f, int(width) // f)
+
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) with each missing side the denoiser's native size (as SDXL and PixArt default them; SD's
+        copied loop would reset both when one is missing). A given side must be an int >= 1."""
+        sample = self.denoiser.config.sample_size
+        native_h, native_w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+        f = self.vae_scale_factor
+        try:  # ValueError, as `check_call_inputs` raises for the same arguments
+            height = native_h * f if height is None else check_int("height", height, minimum=1)
+            width = native_w * f if width is None else check_int("width", width, minimum=1)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+        return height, width
+
+    def text_embeds_dim(self) -> int | None:
+        """The last dimension `prompt_embeds` must have: a transformer's `caption_channels` (PixArt's T5), a UNet's
+        `cross_attention_dim` (SD, SDXL); None where it is not known (not checked)."""
+        config = self.denoiser.config
+        if isinstance(getattr(config, "caption_channels", None), int):
+            return config.caption_channels
+        if self.denoiser_name == "unet" and getattr(config, "encoder_hid_dim", None) is None:
+            dim = getattr(config, "cross_attention_dim", None)
+            return dim if isinstance(dim, int) else None
+        return None
+
+    def check_text_embeds(self, name: str, embeds: object) -> None:
+        """Precomputed text embeddings must be a (B, T, D) tensor with this denoiser's D (e.g. SD v1.5 embeddings
+        given to SDXL fail inside the first denoiser call otherwise)."""
+        if embeds is None:
+            return
+        if not isinstance(embeds, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (B, T, D), got {type(embeds).__name__}")
+        dim = self.text_embeds_dim()
+        if embeds.ndim != 3 or (dim is not None and embeds.shape[-1] != dim):
+            raise ValueError(
+                f"{name} must have shape (batch, tokens, {dim if dim is not None else 'D'}) for this "
+                f"{type(unwrap(self.denoiser)).__name__}, got {tuple(embeds.shape)}"
+            )
+
+    def _max_clip_skip(self) -> int | None:
+        """The largest `clip_skip` that keeps one layer of every text encoder (None: no CLIP encoder to count)."""
+        layers = [
+            enc.config.num_hidden_layers
+            for enc in (getattr(self, "text_encoder", None), getattr(self, "text_encoder_2", None))
+            if enc is not None and isinstance(getattr(enc.config, "num_hidden_layers", None), int)
+        ]
+        return min(layers) - 1 if layers else None
+
+    def check_step_end_outputs(self, step: int, outputs: object, latents: Tensor) -> None:
+        """Right after a step-end callback, in the loop: it returned a dict, and latents of the current shape and
+        dtype (a wrong shape would fail, or broadcast, in the next denoiser call)."""
+        check_step_end_outputs(step, outputs, latents)
 
     def check_step_end_callback(self, tensor_inputs: list[str] | None) -> None:
         """The tensors a step-end callback asks for must be ones the loop hands out (`_callback_tensor_inputs`)."""
@@ -189,6 +321,7 @@ class SCFGPipelineMixin:
         T5 pipeline), None when all are attended. token_options: extra keywords of `segmentation_tokens`.
         rate_rule: the per-pixel rate from the masks (default `SCFGRate()`, S-CFG's, algorithm.md §1.4).
         """
+        check_configs(scfg_config, goca_config)
         seg = make_segmentor(segmentor, scfg_config, goca_config)
         if seg is None:
             raise ValueError("spatial_guidance needs a segmentor ('goca', 'scfg' or a Segmentor instance)")
@@ -211,10 +344,11 @@ class SCFGPipelineMixin:
         from then on."""
         if guide is None:
             return
-        if not math.isfinite(self._guidance_scale):
+        if not math.isfinite(self._guidance_scale) or abs(self._guidance_scale) > MAX_GUIDANCE_SCALE:
             raise ValueError(
                 f"guidance_scale became {self._guidance_scale} during the call (set by a step-end callback); "
-                "it must be a finite number (<= 1 turns classifier-free guidance off)"
+                f"it must be a finite number between -{MAX_GUIDANCE_SCALE:g} and {MAX_GUIDANCE_SCALE:g} (<= 1 turns "
+                "classifier-free guidance off)"
             )
         record.enabled = self.do_classifier_free_guidance
 

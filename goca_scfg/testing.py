@@ -28,12 +28,18 @@ def sharpen_attention(denoiser: torch.nn.Module, cross: float = 6.0, self_: floa
     so every query scores itself highest (diagonal-dominant, as a trained model's neighbourhoods are).
     Default-initialised attention is nearly uniform: there segmentation turns a last-bit difference (another batch
     shape, another attention processor, a reloaded copy) into flipped labels, so label-level tests across such runs
-    need this model; plumbing tests keep the plain one.
+    need this model; plumbing tests keep the plain one. Joint attention (`_sharpen_joint`): the same on its text and
+    image keys.
     """
     from .layout import ModelLayout, unwrap
 
     modules = dict(unwrap(denoiser).named_modules())
-    for layer in ModelLayout.of(denoiser).layers:
+    layout = ModelLayout.of(denoiser)
+    if layout.arch == "joint":
+        for module in dict.fromkeys(x.name.rpartition(":")[0] for x in layout.layers):
+            _sharpen_joint(modules[module], cross, self_)
+        return denoiser
+    for layer in layout.layers:
         attn = modules[layer.name]
         if layer.kind == "cross":
             attn.to_q.weight.mul_(cross)
@@ -43,6 +49,27 @@ def sharpen_attention(denoiser: torch.nn.Module, cross: float = 6.0, self_: floa
             if attn.to_k.bias is not None and attn.to_q.bias is not None:
                 attn.to_k.bias.copy_(attn.to_q.bias * self_)
     return denoiser
+
+
+def _sharpen_joint(attn: torch.nn.Module, cross: float, self_: float) -> None:
+    """Joint attention: image keys := image queries (diagonal-dominant image logits, ×`self_`), queries and text keys
+    ×`cross`. Where per-head RMSNorms follow the projections (SD3.5, Flux) they undo a projection's scale, so the
+    norms' weights carry it (and RoPE, one rotation per position, keeps q·k of a position with itself)."""
+    attn.to_k.weight.copy_(attn.to_q.weight)
+    if attn.to_k.bias is not None and attn.to_q.bias is not None:
+        attn.to_k.bias.copy_(attn.to_q.bias)
+    norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
+    if norm_q is not None and getattr(norm_q, "weight", None) is not None:
+        norm_q.weight.mul_(cross)
+        norm_k.weight.copy_(norm_q.weight * self_ / cross)
+        text = getattr(attn, "norm_added_k", None)
+        if text is not None and getattr(text, "weight", None) is not None:
+            text.weight.mul_(cross)
+        return
+    attn.to_q.weight.mul_(cross)
+    attn.to_k.weight.copy_(attn.to_q.weight * self_ / cross)
+    if getattr(attn, "add_k_proj", None) is not None:
+        attn.add_k_proj.weight.mul_(cross)
 
 
 def sharpened(components: dict[str, Any]) -> dict[str, Any]:
@@ -499,10 +526,11 @@ def tiny_sd3_components(seed: int = 0) -> dict[str, Any]:
 
 
 def sd35_medium_random_components(
-    seed: int = 0, size: int = 1024, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    seed: int = 0, size: int = 1024, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None
 ) -> dict[str, Any]:
     """Stable Diffusion 3.5 Medium's architecture with random weights, offline, for speed and memory benchmarks;
-    built directly in `dtype` on `device` (`"meta"` for shapes only).
+    built directly in `dtype` on `device` (`"meta"` for shapes only; None: torch's current default device, the CPU
+    unless called inside `with torch.device(...)`, whose device it then keeps).
 
     Transformer: the published config (transformer/config.json of stabilityai/stable-diffusion-3.5-medium, cited
     from memory): `SD3Transformer2DModel(patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -576,10 +604,11 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = False) -> dict[s
 
 
 def flux_dev_random_components(
-    seed: int = 0, size: int = 1024, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    seed: int = 0, size: int = 1024, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None
 ) -> dict[str, Any]:
     """FLUX.1-dev's architecture with random weights, offline, for speed and memory benchmarks; built directly in
-    `dtype` on `device` (`"meta"` for shapes only).
+    `dtype` on `device` (`"meta"` for shapes only; None: torch's current default device, the CPU unless called
+    inside `with torch.device(...)`, whose device it then keeps).
 
     Transformer: the published config (transformer/config.json of black-forest-labs/FLUX.1-dev, cited from
     memory): `FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,

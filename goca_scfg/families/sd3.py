@@ -2,7 +2,8 @@
 
 GoCA's layers: the authors never configured SD3; it takes their Flux configuration moved to the same relative depth
 (segment/goca.py `joint_rule`, algorithm.md §8.5). Regions are named by the CLIP tokens of the joint context
-(positions 0-76, `<sos>` global); the T5 positions are left out of the maps (tokens.py `sd3_prompt_tokens`).
+(positions 0-76, `<sos>` global); the T5 positions are left out of the maps
+(`StableDiffusion3SCFGPipeline.context_columns`).
 """
 
 from __future__ import annotations

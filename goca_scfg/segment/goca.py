@@ -556,6 +556,7 @@ class GoCALayers:
     cross_total: int = 0
     head: str = "dot"
     reference: str = "query"
+    joint: bool = False
 
     def describe(self) -> str:
         """One line saying which rule applied and what it chose (algorithm.md §8); parts the config named are marked
@@ -573,8 +574,9 @@ class GoCALayers:
             prop = f"no propagation{mark('order')}"
         fg = "cond global token" if self.foreground == "cond" else "uncond token 0"
         dense = f"dense {self.dense.block}{' attention output' if self.reference == 'output' else ''}{mark('dense')}"
+        heads = f"heads {self.head}; " if self.joint else ""
         return (
-            f"{self.rule}: cross {cross}{mark('cross')}; heads {self.head}; {dense}; {prop}; "
+            f"{self.rule}: cross {cross}{mark('cross')}; {heads}{dense}; {prop}; "
             f"segmentation at latent/{self.factor}; foreground from the {fg}"
         )
 
@@ -642,6 +644,7 @@ def goca_layers(layout: ModelLayout, config: GoCAConfig) -> GoCALayers:
         # weights are not defined for single-stream blocks, whose output projection mixes in the MLP)
         head=preset.head if preset is not None and preset.head is not None else config.head,
         reference=preset.reference if preset is not None else "query",
+        joint=layout.arch == "joint",
     )
 
 
