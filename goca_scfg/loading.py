@@ -91,8 +91,9 @@ def load_pipeline(model: str, torch_dtype=None, device: str | None = None, **kwa
 
 
 def native_size(pipe) -> tuple[int, int]:
-    """The pipeline's default (height, width) in pixels: the denoiser's sample size times the VAE factor."""
-    sample = pipe.denoiser.config.sample_size
+    """The pipeline's default (height, width) in pixels: the denoiser's sample size (or the pipeline's
+    `default_sample_size`: Flux's transformer has none) times the VAE factor."""
+    sample = getattr(pipe.denoiser.config, "sample_size", None) or pipe.default_sample_size
     h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
     return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
 
@@ -105,6 +106,11 @@ def swap_scheduler(pipe, name: str) -> None:
     config = pipe.scheduler.config
     if name == "default":
         return
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        raise ValueError(
+            f"scheduler {name!r} is a diffusion (noise-prediction) scheduler; this model is trained for flow matching "
+            "and keeps its own: use 'default'"
+        )
     if name == "pndm":
         pipe.scheduler = PNDMScheduler.from_config(config, skip_prk_steps=True)
     elif name == "ddim":

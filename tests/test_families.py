@@ -20,6 +20,7 @@ from goca_scfg.families import (
     family_named,
     family_names,
     family_of,
+    flux,
     goca_presets,
     pixart,
     sdxl,
@@ -38,12 +39,12 @@ def _tiny_name(family) -> str:
 
 
 def test_registry_lookups():
-    assert family_names() == tuple(NAMES) == ("sd15", "sdxl", "pixart-sigma")
+    assert family_names() == tuple(NAMES) == ("sd15", "sdxl", "pixart-sigma", "sd3", "flux")
     for family in FAMILIES:
         assert family_named(family.name) is family
         assert all(family_of(name) is family for name in family.class_names)
-    with pytest.raises(ValueError, match="unknown model family 'flux'"):
-        family_named("flux")
+    with pytest.raises(ValueError, match="unknown model family 'kandinsky'"):
+        family_named("kandinsky")
     with pytest.raises(ValueError, match="KandinskyPipeline.*belongs to no registered model family"):
         family_of("KandinskyPipeline")
 
@@ -77,7 +78,8 @@ def test_token_rule_is_the_pipelines(name):
     family = family_named(name)
     pipe = load_pipeline(_tiny_name(family))
     prompts = ["a red dog on a green sofa", "two cats"]
-    ours, theirs = family.tokens(pipe.tokenizer, prompts, 2), pipe.segmentation_tokens(prompts, 2)
+    tokenizer = getattr(pipe, family.region_tokenizer)
+    ours, theirs = family.tokens(tokenizer, prompts, 2), pipe.segmentation_tokens(prompts, 2)
     assert ours.strings == theirs.strings
     for field in ("ids", "caption", "stop", "live", "global_index"):
         assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
@@ -120,7 +122,11 @@ def test_step_flops_builds_the_family_model(name):
 
 
 def test_goca_presets_come_from_the_registry():
-    assert goca.GOCA_PRESETS == goca_presets() == (*sdxl.FAMILY.goca_presets, *pixart.FAMILY.goca_presets)
+    assert (
+        goca.GOCA_PRESETS
+        == goca_presets()
+        == (*sdxl.FAMILY.goca_presets, *pixart.FAMILY.goca_presets, *flux.FAMILY.goca_presets)
+    )
     assert goca.GoCAPreset is sdxl.GoCAPreset  # the one preset type, defined with the families
 
 

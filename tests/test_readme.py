@@ -13,6 +13,8 @@ README = (ROOT / "README.md").read_text()
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 PIXART = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
+SD3 = "stabilityai/stable-diffusion-3.5-medium"
+FLUX = "black-forest-labs/FLUX.1-dev"
 INSTALL = "bash scripts/install.sh && "
 
 
@@ -36,6 +38,17 @@ def tiny_pixart_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-pixart")
     tiny_pixart_pipeline().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_mmdit_dirs(tmp_path_factory):
+    from goca_scfg.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    paths = {}
+    for model, build in ((SD3, tiny_sd3_pipeline), (FLUX, tiny_flux_pipeline)):
+        paths[model] = str(tmp_path_factory.mktemp("tiny-mmdit"))
+        build().save_pretrained(paths[model])
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +78,15 @@ def test_main_command_runs(tiny_model_dir, tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
-def test_python_examples_run(tiny_model_dir, tiny_xl_dir, tiny_pixart_dir, tmp_path, monkeypatch):
-    """Every Python block, in order, in one namespace (later blocks reuse `pipe`)."""
+def test_python_examples_run(tiny_model_dir, tiny_xl_dir, tiny_pixart_dir, tiny_mmdit_dirs, tmp_path, monkeypatch):
+    """Every Python block, in order, in one namespace (later blocks reuse `pipe`); Flux's 1024² at the tiny model's
+    64² (the tiny transformer has no size of its own)."""
     monkeypatch.chdir(tmp_path)
     namespace = {}
     for code in _blocks("python"):
         code = code.replace(SD15, tiny_model_dir).replace(SDXL, tiny_xl_dir).replace(PIXART, tiny_pixart_dir)
+        code = code.replace(SD3, tiny_mmdit_dirs[SD3]).replace(FLUX, tiny_mmdit_dirs[FLUX])
+        code = code.replace("height=1024, width=1024", "height=64, width=64")
         exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "corgi.png").exists() and (tmp_path / "corgi_maps.png").exists()
     assert len(namespace["labels"]["goca"]) == len(namespace["pipe"].scheduler.timesteps)

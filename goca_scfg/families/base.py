@@ -91,7 +91,11 @@ class Family:
     building `PromptTokens` as `rule(tokenizer, prompts, num_images_per_prompt, **options)`; tiny_models: offline
     model name → "module:function(seed, scheduler, torch_dtype)" returning a ready pipeline; tiny_components /
     random_components: "module:function" building the random component dict (tiny; the real architecture);
-    bench: `BenchShapes`; sweep_presets: `SweepPreset`s.
+    bench: `BenchShapes`; sweep_presets: `SweepPreset`s; region_tokenizer: the pipeline component whose tokens name
+    the regions (`token_rule`'s tokenizer; Flux: its T5 `tokenizer_2`) and token_options the rule's defaults that
+    differ from its own (Flux's `max_sequence_length`, 512); scale_keyword: the `__call__` keyword of
+    S-CFG's w (Flux: `true_cfg_scale`); negative_prompt_required: CFG runs only with a negative prompt (Flux), so the
+    tools pass an empty one per prompt.
     """
 
     name: str
@@ -108,6 +112,10 @@ class Family:
     sweep_presets: tuple[SweepPreset, ...] = ()
     goca_presets: tuple[tuple[PresetMatch, GoCAPreset], ...] = ()
     exports: tuple[str, ...] | None = None
+    region_tokenizer: str = "tokenizer"
+    token_options: Mapping[str, Any] = field(default_factory=dict)
+    scale_keyword: str = "guidance_scale"
+    negative_prompt_required: bool = False
 
     @property
     def pipeline_module(self) -> str:
@@ -133,7 +141,7 @@ class Family:
 
     def tokens(self, tokenizer, prompts: list[str], num_images_per_prompt: int = 1, **options):
         """The family's `PromptTokens` of `prompts` (which positions are `<sos>`, caption, padding; §2.5)."""
-        return resolve(self.token_rule)(tokenizer, prompts, num_images_per_prompt, **options)
+        return resolve(self.token_rule)(tokenizer, prompts, num_images_per_prompt, **{**self.token_options, **options})
 
     def build_tiny_components(self, **kwargs) -> dict[str, Any]:
         """The tiny random component dict (goca_scfg.testing; seconds on a CPU)."""

@@ -89,4 +89,8 @@ FAMILY = Family(
         ),  # fmt: skip
     ),
     goca_presets=((is_flux, FLUX_PRESET),),
+    region_tokenizer="tokenizer_2",
+    token_options={"max_sequence_length": 512},  # FluxPipeline's default
+    scale_keyword="true_cfg_scale",
+    negative_prompt_required=True,
 )
