@@ -216,10 +216,10 @@ def check_generator(generator: object, batch: int) -> None:
     )
 
 
-def check_latents(latents: object, shape: tuple[int, ...], dtype: Any) -> None:
+def check_latents(latents: object, shape: tuple[int, ...], dtype: Any = None) -> None:
     """`latents` (the initial noise) must be a finite floating-point tensor of exactly `shape` (batch, channels and
-    latent size of the call) and the denoiser's `dtype` (diffusers does not convert it; autocast excepted).
-    Imports torch."""
+    latent size of the call) and, unless `dtype` is None, of that dtype (the denoiser's, where the pipeline does not
+    convert it; autocast excepted). Imports torch."""
     import torch
 
     if latents is None:
@@ -233,7 +233,7 @@ def check_latents(latents: object, shape: tuple[int, ...], dtype: Any) -> None:
         )
     if not latents.dtype.is_floating_point:
         raise ValueError(f"latents must be a floating-point tensor, got {latents.dtype}")
-    if latents.dtype != dtype and not torch.is_autocast_enabled(latents.device.type):
+    if dtype is not None and latents.dtype != dtype and not torch.is_autocast_enabled(latents.device.type):
         raise ValueError(
             f"latents have dtype {latents.dtype} but the denoiser runs in {dtype}: pass latents.to({dtype})"
         )

@@ -67,6 +67,7 @@ class FluxSCFGPipeline(SCFGPipelineMixin, FluxPipeline):
     """
 
     denoiser_name = "transformer"
+    casts_latents = True  # `prepare_latents` moves given latents to the call's dtype
     _true_cfg_scale = 1.0
     _do_true_cfg = False
 
@@ -80,14 +81,14 @@ class FluxSCFGPipeline(SCFGPipelineMixin, FluxPipeline):
 
     def check_true_cfg_call(
         self, num_inference_steps, true_cfg_scale, height, width, sigmas, segmentor, scfg_config, goca_config,
-        prompt, caption, prompt_embeds, rate_rule,
+        prompt, caption, prompt_embeds, rate_rule, **checks,
     ) -> tuple[Segmentor | None, str | list[str] | None]:  # fmt: skip
         """`check_scfg_call` with S-CFG's w = `true_cfg_scale`; notes whether the segmentor was passed explicitly
         (the default one segments silently only where true CFG is on)."""
         self._segmentor_explicit = segmentor is not DEFAULT_SEGMENTOR
         return self.check_scfg_call(
             num_inference_steps, true_cfg_scale, height, width, None, sigmas, segmentor, scfg_config, goca_config,
-            prompt, caption, prompt_embeds, rate_rule,
+            prompt, caption, prompt_embeds, rate_rule, **checks,
         )  # fmt: skip
 
     def start_spatial_guidance(self, segmentor: Segmentor | None, **kwargs) -> SpatialGuidance | None:
@@ -95,6 +96,12 @@ class FluxSCFGPipeline(SCFGPipelineMixin, FluxPipeline):
         if segmentor is not None and not self._do_true_cfg and not self._segmentor_explicit:
             return None
         return super().start_spatial_guidance(segmentor, **kwargs)
+
+    def latents_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, ...]:
+        """Packed latents (B, (h/2)·(w/2), 4·C), h and w the latent size as `prepare_latents` rounds it."""
+        height, width = self.default_size(height, width)
+        h, w = self.check_segmentation_size(height, width, None)
+        return (batch, (h // 2) * (w // 2), self.transformer.config.in_channels)
 
     def check_segmentation_size(self, height: int, width: int, layout: ModelLayout) -> tuple[int, int]:
         """The unpacked latent (h, w) as `prepare_latents` rounds it (2·⌊size / (2·vae_scale_factor)⌋, with the
@@ -240,7 +247,10 @@ class FluxSCFGPipeline(SCFGPipelineMixin, FluxPipeline):
         )
         segmentor, regions = self.check_true_cfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
             num_inference_steps, true_cfg_scale, height, width, sigmas, segmentor, scfg_config, goca_config,
-            prompt if prompt_2 is None else prompt_2, caption, prompt_embeds, rate_rule,
+            prompt if prompt_2 is None else prompt_2, caption, prompt_embeds, rate_rule, latents=latents,  # [S-CFG]
+            generator=generator, num_images_per_prompt=num_images_per_prompt, negative_prompt=negative_prompt,  # [S-CFG]
+            negative_prompt_embeds=negative_prompt_embeds, return_maps=return_maps, output_type=output_type,  # [S-CFG]
+            callback_on_step_end=callback_on_step_end,  # [S-CFG]
         )  # fmt: skip
 
         self._guidance_scale = guidance_scale
@@ -458,6 +468,7 @@ class FluxSCFGPipeline(SCFGPipelineMixin, FluxPipeline):
                     for k in callback_on_step_end_tensor_inputs:
                         callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    self.check_step_end_outputs(i, callback_outputs, latents)  # [S-CFG] a dict; latents keep shape
 
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)

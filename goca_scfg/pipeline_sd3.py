@@ -59,6 +59,7 @@ class StableDiffusion3SCFGPipeline(SCFGPipelineMixin, StableDiffusion3Pipeline):
     """
 
     denoiser_name = "transformer"
+    casts_latents = True  # `prepare_latents` moves given latents to the call's dtype
 
     def context_columns(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """(rows, T) bool: the joint context's CLIP positions (the first `tokenizer_max_length`, which name the
@@ -150,7 +151,10 @@ class StableDiffusion3SCFGPipeline(SCFGPipelineMixin, StableDiffusion3Pipeline):
         )
         segmentor, regions = self.check_scfg_call(  # [S-CFG] before any work: inputs, segmentor, region text
             num_inference_steps, guidance_scale, height, width, None, sigmas, segmentor, scfg_config, goca_config,
-            prompt, caption, prompt_embeds, rate_rule,
+            prompt, caption, prompt_embeds, rate_rule, latents=latents, generator=generator,  # [S-CFG]
+            num_images_per_prompt=num_images_per_prompt, negative_prompt=negative_prompt,  # [S-CFG]
+            negative_prompt_embeds=negative_prompt_embeds, return_maps=return_maps, output_type=output_type,  # [S-CFG]
+            callback_on_step_end=callback_on_step_end, clip_skip=clip_skip,  # [S-CFG]
         )  # fmt: skip
 
         self._guidance_scale = guidance_scale
@@ -345,6 +349,7 @@ class StableDiffusion3SCFGPipeline(SCFGPipelineMixin, StableDiffusion3Pipeline):
                     for k in callback_on_step_end_tensor_inputs:
                         callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    self.check_step_end_outputs(i, callback_outputs, latents)  # [S-CFG] a dict; latents keep shape
 
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)

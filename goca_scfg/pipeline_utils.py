@@ -44,6 +44,7 @@ from .vocab import METHOD_ALIASES, METHOD_NAMES
 
 logger = logging.getLogger(__name__)
 
+
 class _DefaultName(str):
     """A default argument value equal to its name, told apart from the same name passed explicitly (`is`)."""
 
@@ -61,7 +62,7 @@ def check_configs(scfg_config: object, goca_config: object) -> None:
         elif isinstance(value, str):
             hint = f" (a preset is a classmethod, e.g. {presets[name]})"
         elif isinstance(value, SCFGConfig | GoCAConfig):
-            hint = f" (a {type(value).__name__} goes to {'goca_config' if name == 'scfg_config' else 'scfg_config'}=)"
+            hint = f" (pass it as {'goca_config' if name == 'scfg_config' else 'scfg_config'}=)"
         check_type(name, value, expected, hint)
 
 
@@ -74,6 +75,9 @@ class SCFGPipelineMixin:
     """Segmentation planning shared by the SCFG pipelines (`denoiser_name` names the denoiser component)."""
 
     denoiser_name = "unet"
+    # True where `prepare_latents` casts given `latents` to the compute dtype (SD3, Flux); SD, SDXL and PixArt do not,
+    # so there a `latents=` of another dtype is refused up front instead of failing inside the denoiser
+    casts_latents = False
 
     @property
     def denoiser(self):
@@ -173,7 +177,8 @@ class SCFGPipelineMixin:
             rows = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
             images = rows * num_images_per_prompt
             check_generator(generator, images)
-            check_latents(latents, self.latents_shape(images, height, width), self.denoiser.dtype)
+            dtype = None if self.casts_latents else self.denoiser.dtype
+            check_latents(latents, self.latents_shape(images, height, width), dtype)
         return seg, self.region_text(seg, prompt, caption, prompt_embeds)
 
     def latents_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, ...]:
@@ -187,7 +192,7 @@ class SCFGPipelineMixin:
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) with each missing side the denoiser's native size (as SDXL and PixArt default them; SD's
         copied loop would reset both when one is missing). A given side must be an int >= 1."""
-        sample = self.denoiser.config.sample_size
+        sample = getattr(self.denoiser.config, "sample_size", None) or self.default_sample_size  # Flux: no sample size
         native_h, native_w = (sample, sample) if isinstance(sample, int) else tuple(sample)
         f = self.vae_scale_factor
         try:  # ValueError, as `check_call_inputs` raises for the same arguments
@@ -203,6 +208,8 @@ class SCFGPipelineMixin:
         config = self.denoiser.config
         if isinstance(getattr(config, "caption_channels", None), int):
             return config.caption_channels
+        if isinstance(getattr(config, "joint_attention_dim", None), int):  # SD3, Flux: the joint context's width
+            return config.joint_attention_dim
         if self.denoiser_name == "unet" and getattr(config, "encoder_hid_dim", None) is None:
             dim = getattr(config, "cross_attention_dim", None)
             return dim if isinstance(dim, int) else None

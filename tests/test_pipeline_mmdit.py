@@ -179,12 +179,11 @@ def test_joint_capture_equals_an_explicit_softmax_of_the_models_own_q_and_k(flux
     blocks = sorted({x.name.rpartition(":")[0] for x in layout.layers})
     handles = [modules[b].register_forward_pre_hook(keep(b), with_kwargs=True) for b in blocks]
     torch.manual_seed(0)
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij")
     inputs = dict(
         hidden_states=torch.randn(2, 16, 64), encoder_hidden_states=torch.randn(2, 7, 32),
-        pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.5]),
-        txt_ids=torch.zeros(7, 3), img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0),
-                                                                      torch.arange(4.0), indexing="ij"), -1).reshape(16, 3),
-        return_dict=False,
+        pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.5]), txt_ids=torch.zeros(7, 3),
+        img_ids=torch.stack(grid, -1).reshape(16, 3), return_dict=False,
     )  # fmt: skip
     try:
         with torch.no_grad():
@@ -374,3 +373,71 @@ def test_modular_sd3_guider_segments_every_step():
     segmented = run(guider)
     assert len(guider.maps) == 3 and [m.step for m in guider.maps] == [0, 1, 2]
     assert guider.maps[0].labels.shape == (2, 8, 8) and (segmented - cfg).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_in_forward_passes_equal_the_passes_from_raw_records(name, request):
+    """The plan's in-forward reduction (blocks from the reference on) gives the masks a raw record gives, and keeps
+    less: only the earlier blocks hold their queries and keys until the reference exists."""
+    from goca_scfg.pipeline_utils import cond_half
+
+    ours, _ = request.getfixturevalue(name)
+    kw = dict(height=64, width=64, key_mask=None)
+    if name == "flux":
+        kw["key_mask"] = ours.context_columns(PROMPTS, 1, 32)
+        kw["max_sequence_length"] = 32
+    masks, sizes = [], []
+    for reducers in (True, False):
+        guide = ours.spatial_guidance("goca", PROMPTS, batch_size=2, **kw)
+        rows = cond_half if name == "sd3" else None
+        torch.manual_seed(0)
+        x = torch.randn(4 if name == "sd3" else 2, *((16, 8, 8) if name == "sd3" else (16, 64)))
+        args = _transformer_inputs(ours, x)
+        with capture_attention(ours.transformer, guide.requests, guide.reducers if reducers else {}, rows) as record:
+            with torch.no_grad():
+                ours.transformer(**args)
+            sizes.append(record.nbytes())
+            masks.append(guide.masks(0, record))
+    assert torch.equal(masks[0][0], masks[1][0]) and torch.equal(masks[0][1], masks[1][1])
+    assert sizes[0] < sizes[1]
+
+
+def _transformer_inputs(pipe, x):
+    """One transformer call's keywords for latents `x` (SD3: the [uncond; cond] batch; Flux: the cond call)."""
+    if isinstance(pipe, FluxPipeline):
+        embeds, pooled, text_ids = pipe.encode_prompt(PROMPTS, None, max_sequence_length=32)
+        ids = pipe._prepare_latent_image_ids(2, 4, 4, x.device, x.dtype)
+        return dict(
+            hidden_states=x, timestep=torch.full((2,), 0.5), pooled_projections=pooled, encoder_hidden_states=embeds,
+            txt_ids=text_ids, img_ids=ids, return_dict=False,
+        )  # fmt: skip
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPTS, None, None, negative_prompt=["", ""])
+    return dict(
+        hidden_states=x, timestep=torch.full((4,), 500.0), encoder_hidden_states=torch.cat([negative, embeds]),
+        pooled_projections=torch.cat([negative_pooled, pooled]), return_dict=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_bad_input_refused_before_the_denoiser_runs(name, request):
+    """The drop-in checks of the other pipelines hold here too (docs/bad_input.md)."""
+    ours, _ = request.getfixturevalue(name)
+    calls = []
+    handle = ours.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    wrong = torch.zeros(4, 3, 8, 8)
+    try:
+        for kw, error, match in [
+            (dict(latents=wrong), ValueError, "latents"),
+            (dict(generator=42), TypeError, "generator"),
+            (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt"),
+            (dict(return_maps="yes"), TypeError, "return_maps"),
+            (dict(goca_config="fast"), TypeError, "goca_config"),
+        ]:
+            base = dict(num_inference_steps=2, height=64, width=64, output_type="pt", **kw)
+            if name == "flux":
+                base.update(true_cfg_scale=4.0, negative_prompt=["", ""])
+            with pytest.raises(error, match=match):
+                ours(PROMPTS, **base)
+    finally:
+        handle.remove()
+    assert not calls

@@ -39,7 +39,7 @@ from ..ops import (
 )
 from ..tokens import live_ends
 from .base import CapturePlan, SegmentationContext, Segmentor
-from .goca_joint import joint_layer_pass, pad_tokens, reference_feature
+from .goca_joint import JointLayerMaps, joint_layer_pass, pad_tokens, reference_feature
 
 logger = logging.getLogger(__name__)
 
@@ -695,55 +695,81 @@ class GoCASegmentor(Segmentor):
 
     def _start_joint(self, context: SegmentationContext) -> CapturePlan:
         """A joint layout's plan: the cross view (image queries, text keys, image keys) of every block that gives
-        cross maps or propagation, the dense block's attention output; cond rows only, nothing reduced in the
-        forward pass (the similarity needs the reference, which a later block computes)."""
-        layout, layers = context.layout, self.layers
+        cross maps or propagation, and the dense block's attention output; cond rows only. From the dense block on
+        (call order), each layer's pass runs inside the forward pass and only its cross map (and a propagation
+        block's q and keys) stays; earlier blocks keep q and keys until the reference exists (algorithm.md §8.5)."""
+        cfg, layout, layers = self.config, context.layout, self.layers
         self.cross_of = {x.name: layout.sibling(x, "cross").name for x in layers.propagation}
+        cross_names = {x.name for x in layers.cross}
+        prop_names = set(self.cross_of.values())
         req: dict[str, set[Field]] = {}
         for name in [x.name for x in layers.cross] + list(self.cross_of.values()):
             req.setdefault(name, set()).update({"q", "k"})
         req.setdefault(layers.dense.name, set()).add("o" if layers.reference == "output" else "q")
         # the columns that stay in the maps: the cond half of the context mask (padding and unused encoders out)
         self.keep = split_cfg(context.key_mask)[1] if context.key_mask is not None else None
-        self.plan = CapturePlan(req, {}, rows="cond")
+        self._passes: dict[str, JointLayerMaps] = {}  # this call's in-forward passes
+        self._pseudo: list[Tensor | None] = [None]
+        similarity = cfg.layer == "similarity"
+        order = {x.name: x.order for x in layout.layers}
+        dense = layers.dense.name
+
+        def reduce(name: str):
+            def fn(slot) -> Tensor:
+                if similarity and name == dense:
+                    feature = slot.o if layers.reference == "output" else slot.q
+                    self._pseudo[0] = pseudo_self_attention(reference_feature(feature, cfg.reference_channels))
+                out = self._joint_pass(slot, self._pseudo[0] if name in cross_names else None)
+                self._passes[name] = out
+                return out.cross
+
+            return fn
+
+        reducers = {
+            name: Reduce(reduce(name), frozenset({"q", "k"}) if name in prop_names else frozenset())
+            for name in req
+            if not similarity or order[name] >= order[dense]
+        }
+        self.plan = CapturePlan(req, reducers, rows="cond")
         return self.plan
 
+    def _joint_pass(self, slot, pseudo: Tensor | None) -> JointLayerMaps:
+        """One joint layer's pass (`joint_layer_pass`) over its recorded cond rows."""
+        text_only = self.config.cross_norm == "text"
+        return joint_layer_pass(slot.q, slot.k, slot.k_rest, slot.heads, slot.scale, pseudo, text_only)
+
     def _segment_joint(self, step: int, record: AttentionRecord) -> tuple[Tensor, Tensor]:
-        """Masks and foreground from a joint layout's cond record (algorithm.md §8.5): one pass per layer for its
-        cross map, its similarity to the reference and its image share, then GoCA's §2.4–2.7 as on PixArt-Sigma."""
+        """Masks and foreground from a joint layout's cond record (algorithm.md §8.5): each layer's pass (made in the
+        forward pass where the reference already existed, here otherwise), then GoCA's §2.4–2.7 as on PixArt-Sigma."""
         cfg, layers = self.config, self.layers
         refresh = self._layer_weights is None or step % cfg.layer_refresh == 0
-        pseudo = None
-        if cfg.layer == "similarity" and refresh:
+        cross_names = [x.name for x in layers.cross]
+        if cfg.layer == "similarity" and self._pseudo[0] is None:  # a record made without this plan's reducers
             ref = record[layers.dense.name]
             feature = ref.o if layers.reference == "output" else ref.q
-            pseudo = pseudo_self_attention(reference_feature(feature, cfg.reference_channels))
-        maps, sims, shares = [], [], {}
-        prop = {self.cross_of[x.name] for x in layers.propagation}
+            self._pseudo[0] = pseudo_self_attention(reference_feature(feature, cfg.reference_channels))
         with record_function("goca_scfg::goca_joint_layers"):
-            for name in dict.fromkeys([x.name for x in layers.cross] + sorted(prop)):
-                slot = record[name]
-                out = joint_layer_pass(
-                    slot.q, slot.k, slot.k_rest, slot.heads, slot.scale,
-                    pseudo=pseudo if name in {x.name for x in layers.cross} else None,
-                    text_only=cfg.cross_norm == "text",
-                )  # fmt: skip
-                if name in prop:
-                    shares[name] = out.image_share
-                if name not in {x.name for x in layers.cross}:
-                    continue
-                cross = out.cross
-                if self.keep is not None:
-                    cross = cross * pad_tokens(self.keep.to(cross.device), cross.shape[-1]).unsqueeze(1).float()
-                maps.append(to_grid(cross, grid_shape(cross.shape[1], self.latent_hw)))
-                if out.similarity is not None:
-                    sims.append(out.similarity)
+            passes = {}
+            for name in dict.fromkeys(cross_names + [self.cross_of[x.name] for x in layers.propagation]):
+                if name in self._passes:
+                    passes[name] = self._passes.pop(name)
+                else:
+                    pseudo = self._pseudo[0] if name in cross_names else None
+                    passes[name] = self._joint_pass(record[name], pseudo)
+        self._pseudo[0] = None
+        maps = []
+        for name in cross_names:
+            cross = passes[name].cross
+            if self.keep is not None:
+                cross = cross * pad_tokens(self.keep.to(cross.device), cross.shape[-1]).unsqueeze(1).float()
+            maps.append(to_grid(cross, grid_shape(cross.shape[1], self.latent_hw)))
         if refresh:
-            batch = maps[0].shape[0]
             if cfg.layer == "average":
+                batch = maps[0].shape[0]
                 self._layer_weights = torch.full((batch, len(maps)), 1.0 / len(maps), device=maps[0].device)
             else:
-                self._layer_weights = layer_weights_similarity(torch.stack(sims, dim=1), cfg.eps)
+                sims = torch.stack([passes[name].similarity for name in cross_names], dim=1)
+                self._layer_weights = layer_weights_similarity(sims, cfg.eps)
         with record_function("goca_scfg::goca_aggregate"):
             agg = aggregate_layers(maps, self._layer_weights, self.seg_hw, cfg.eps)
         t = agg.shape[1]
@@ -755,7 +781,7 @@ class GoCASegmentor(Segmentor):
             heads=[record[n].heads for n in names],
             scales=[record[n].scale for n in names],
             order=layers.order,
-            row_weights=[shares[n] for n in names],
+            row_weights=[passes[n].image_share for n in names],
         )
         device = agg.device
         with record_function("goca_scfg::goca_segment"):
