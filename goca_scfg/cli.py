@@ -393,21 +393,24 @@ def generate(args: argparse.Namespace) -> None:
     _check_device(device)
     dtype = torch_dtype(args.dtype or "auto", torch.device(device).type)
     pipe = _load(args.model, dtype, device)
-    swap_scheduler(pipe, args.scheduler)
+    try:
+        swap_scheduler(pipe, args.scheduler)
+    except ValueError as err:  # e.g. a noise-prediction scheduler for a flow-matching model
+        raise CLIError(f"--scheduler {args.scheduler}: {err}") from err
     pipe.set_progress_bar_config(disable=True)  # our own progress lines instead (tiny models have none)
     default_h, default_w = native_size(pipe)
     method = get_method(args.segmentor)
     kwargs = method.pipeline_kwargs()
     try:
-        # each pipeline's own default negative prompt (None for SD, "" for PixArt) unless one is given
-        negative = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
+        # each pipeline's own default negative prompt (None for SD, "" for PixArt) unless one is given; the family's
+        # keyword for w (Flux: true_cfg_scale, with "" as negative prompt where none is given)
+        guidance = family_of(pipe).guidance_kwargs(args.guidance_scale, 1, args.negative_prompt)
         result = pipe(
             args.prompt,
-            **negative,
+            **guidance,
             height=args.height or default_h,
             width=args.width or default_w,
             num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
             generator=torch.Generator(device="cpu").manual_seed(args.seed),
             return_maps=maps is not None,
             callback_on_step_end=_Progress(),

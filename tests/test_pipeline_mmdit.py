@@ -441,3 +441,19 @@ def test_bad_input_refused_before_the_denoiser_runs(name, request):
     finally:
         handle.remove()
     assert not calls
+
+
+@pytest.mark.parametrize("model", ["tiny-random-sd3", "tiny-random-flux"])
+def test_cli_generates_with_joint_models(model, tmp_path, capsys):
+    """`goca-scfg generate` on SD3 and Flux: w is Flux's true_cfg_scale (with an empty negative prompt); a
+    noise-prediction scheduler for a flow-matching model is one error line, exit 2."""
+    from goca_scfg.cli import main
+
+    out, maps = tmp_path / "a.png", tmp_path / "a_maps.png"
+    argv = ["generate", "--model", model, "--prompt", "a corgi on a red sofa", "--height", "64", "--width", "64"]
+    main([*argv, "--steps", "2", "--out", str(out), "--maps", str(maps)])
+    assert out.stat().st_size > 1000 and maps.stat().st_size > 1000
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--steps", "2", "--out", str(tmp_path / "b.png"), "--scheduler", "ddim"])
+    assert exit_.value.code == 2 and "--scheduler ddim" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()

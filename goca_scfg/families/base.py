@@ -143,6 +143,17 @@ class Family:
         """The family's `PromptTokens` of `prompts` (which positions are `<sos>`, caption, padding; §2.5)."""
         return resolve(self.token_rule)(tokenizer, prompts, num_images_per_prompt, **{**self.token_options, **options})
 
+    def guidance_kwargs(self, scale: float, prompts: int, negative_prompt: str | None = None) -> dict[str, Any]:
+        """The `__call__` keywords that set CFG's w for `prompts` prompts: `scale_keyword`, and where CFG needs a
+        negative prompt (Flux's true CFG) the given one or "" for each prompt (one string for a list of prompts
+        fails in `FluxPipeline`)."""
+        kwargs: dict[str, Any] = {self.scale_keyword: scale}
+        if negative_prompt is not None:
+            kwargs["negative_prompt"] = negative_prompt
+        if self.negative_prompt_required:
+            kwargs["negative_prompt"] = [negative_prompt or ""] * prompts
+        return kwargs
+
     def build_tiny_components(self, **kwargs) -> dict[str, Any]:
         """The tiny random component dict (goca_scfg.testing; seconds on a CPU)."""
         return resolve(self.tiny_components)(**kwargs)
