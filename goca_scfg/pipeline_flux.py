@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,18 +144,6 @@ class FluxSCFGPipeline(SCFGPipelineMixin, FluxPipeline):
         ).attention_mask.bool()
         mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
         return torch.cat([mask, mask])
-
-    @contextmanager
-    def unrecorded(self, record: AttentionRecord | None):
-        """The uncond call is not recorded: the segmentation reads the cond call only (algorithm.md §8.5)."""
-        if record is None:
-            yield
-            return
-        record.enabled = False
-        try:
-            yield
-        finally:
-            record.enabled = True
 
     def packed_guidance(
         self, guide: SpatialGuidance, step: int, timestep, record: AttentionRecord, neg: Tensor, pos: Tensor,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from diffusers import DiffusionPipeline
@@ -366,6 +366,19 @@ class SCFGPipelineMixin:
             return nullcontext()
         rows = cond_half if guide.plan.rows == "cond" and batched_cfg else None
         return capture_attention(self.denoiser, guide.requests, guide.reducers, rows=rows)
+
+    @contextmanager
+    def unrecorded(self, record: AttentionRecord | None):
+        """Denoiser calls in this block are not recorded (Flux's uncond call: the joint segmentation reads the cond
+        call only, algorithm.md §8.5; SD3's skip-layer guidance call)."""
+        if record is None:
+            yield
+            return
+        record.enabled = False
+        try:
+            yield
+        finally:
+            record.enabled = True
 
     def call_plan(
         self,

@@ -457,3 +457,13 @@ def test_cli_generates_with_joint_models(model, tmp_path, capsys):
         main([*argv, "--steps", "2", "--out", str(tmp_path / "b.png"), "--scheduler", "ddim"])
     assert exit_.value.code == 2 and "--scheduler ddim" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
+
+
+def test_sd3_skip_layer_guidance_segments_the_batched_call(sd3):
+    """SD3's skip-layer guidance adds a cond-only call inside CFG steps: it is not recorded (batch 1 included)."""
+    ours, stock = sd3
+    kw = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    out = _call(ours, PROMPTS[:1], num_images_per_prompt=1, return_maps=True, **kw)
+    assert len(out.maps) == 3 and torch.isfinite(out.images).all()
+    off = _call(ours, PROMPTS[:1], num_images_per_prompt=1, segmentor=None, **kw).images
+    assert torch.equal(off, _call(stock, PROMPTS[:1], num_images_per_prompt=1, **kw).images)
