@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .images import read_rgb
+from .images import image_batches
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +127,12 @@ def load_clip(
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.model, pretrained=source, force_quick_gelu=_quick_gelu(spec), device=device
             )
-        except RuntimeError as err:  # open_clip's failed download
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            # open_clip's failed download, or a weights file that is damaged or holds other weights
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            where = f" from {spec.weights}" if spec.weights is not None else ""
             raise FileNotFoundError(
-                f"CLIP weights {spec.name} could not be loaded ({first}); {_NO_WEIGHTS_HINT}"
+                f"CLIP weights {spec.name} could not be loaded{where} ({first}); {_NO_WEIGHTS_HINT}"
             ) from None
         finally:
             logging.disable(muted)
@@ -145,20 +149,36 @@ def clip_scores_from_features(image_features: Tensor, text_features: Tensor) -> 
     return CLIP_SCALE * (image * text).sum(dim=-1)
 
 
-class _CLIPImages(torch.utils.data.Dataset):
-    """Image files → CLIP input tensors; read errors name the file."""
-
-    def __init__(self, files: Sequence[str | Path], preprocess: Any) -> None:
-        self.files, self.preprocess = list(files), preprocess
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> Tensor:
-        return self.preprocess(read_rgb(self.files[index]))
+@torch.no_grad()
+def image_embeddings(
+    clip: LoadedCLIP,
+    images: Sequence[str | Path],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """(N, D) float64 image embeddings (`encode_image`, not normalised) of image files, through the model's own
+    validation transform, in batches of `batch_size`. CLIP score and CMMD read these rows."""
+    if not images:
+        raise ValueError("no images to embed")
+    batches = image_batches(images, clip.preprocess, batch_size, num_workers, "CLIP images", progress)
+    rows = [clip.model.encode_image(pixels.to(device)).detach().to("cpu", torch.float64).numpy() for pixels in batches]
+    return np.concatenate(rows)
 
 
 @torch.no_grad()
+def text_embeddings(
+    clip: LoadedCLIP, captions: Sequence[str], batch_size: int = 64, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """(N, D) float64 caption embeddings (`encode_text`, not normalised), in batches of `batch_size`."""
+    rows = []
+    for start in range(0, len(captions), batch_size):
+        tokens = clip.tokenizer(list(captions[start : start + batch_size])).to(device)
+        rows.append(clip.model.encode_text(tokens).detach().to("cpu", torch.float64).numpy())
+    return np.concatenate(rows)
+
+
 def clip_scores(
     clip: LoadedCLIP,
     images: Sequence[str | Path],
@@ -169,18 +189,14 @@ def clip_scores(
     progress: bool = False,
 ) -> np.ndarray:
     """Per-image CLIP scores (100 · cosine) of image files against their captions, in batches. Returns (N,)."""
-    from tqdm.auto import tqdm
-
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    if not images:
-        raise ValueError("no images to score")
-    loader = torch.utils.data.DataLoader(
-        _CLIPImages(images, clip.preprocess), batch_size=batch_size, shuffle=False, num_workers=num_workers
-    )
-    scores = []
-    for start, pixels in zip(range(0, len(images), batch_size), tqdm(loader, desc="CLIP", disable=not progress)):
-        tokens = clip.tokenizer(list(captions[start : start + batch_size])).to(device)
-        image_features = clip.model.encode_image(pixels.to(device))
-        scores.append(clip_scores_from_features(image_features, clip.model.encode_text(tokens)))
-    return torch.cat(scores).cpu().double().numpy()
+    image = image_embeddings(clip, images, batch_size, device, num_workers, progress)
+    text = text_embeddings(clip, captions, batch_size, device)
+    return scores_from_embeddings(image, text)
+
+
+def scores_from_embeddings(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """`clip_scores_from_features` on float64 rows that hold fp32 embeddings (exactly as the model returned them)."""
+    features = (torch.from_numpy(np.asarray(image)).float(), torch.from_numpy(np.asarray(text)).float())
+    return clip_scores_from_features(*features).double().numpy()

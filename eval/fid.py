@@ -12,19 +12,21 @@ import io as _stdio
 import json
 import logging
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from scipy import linalg
 from torch import Tensor
 
-from .images import read_rgb_array
+from .images import image_batches
 from .io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -124,18 +126,14 @@ def preprocess(image: np.ndarray, protocol: FIDProtocol) -> np.ndarray:
     return np.asarray(resize(np.ascontiguousarray(image)), dtype=np.float32)
 
 
-class _PreprocessedImages(torch.utils.data.Dataset):
-    """Image files → (3, S, S) float tensors in [0, 255]; read errors name the file."""
+class InceptionInput:
+    """RGB PIL image → (3, S, S) float tensor in [0, 255], per a protocol (`preprocess`); picklable for loaders."""
 
-    def __init__(self, files: Sequence[str | Path], protocol: FIDProtocol) -> None:
-        self.files = [str(f) for f in files]
+    def __init__(self, protocol: FIDProtocol) -> None:
         self.protocol = protocol
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> Tensor:
-        array = preprocess(read_rgb_array(self.files[index]), self.protocol)
+    def __call__(self, image: Any) -> Tensor:
+        array = preprocess(np.asarray(image, dtype=np.uint8), self.protocol)
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -153,17 +151,10 @@ def image_features(
     progress: bool = False,
 ) -> np.ndarray:
     """(N, D) float64 features of image files: read → `preprocess` → `extractor`, in batches."""
-    from tqdm.auto import tqdm
-
     if not files:
         raise ValueError("no images to compute features for")
-    loader = torch.utils.data.DataLoader(
-        _PreprocessedImages(files, protocol), batch_size=batch_size, shuffle=False, num_workers=num_workers
-    )
-    chunks = [
-        extractor(batch.to(device)).detach().to("cpu", torch.float64).numpy()
-        for batch in tqdm(loader, desc="FID features", disable=not progress, leave=False)
-    ]
+    batches = image_batches(files, InceptionInput(protocol), batch_size, num_workers, "FID features", progress)
+    chunks = [extractor(batch.to(device)).detach().to("cpu", torch.float64).numpy() for batch in batches]
     features = np.concatenate(chunks)
     if features.ndim != 2 or features.shape[0] != len(files):
         raise ValueError(f"the extractor returned {features.shape} for {len(files)} images; expected (N, D)")
@@ -204,6 +195,9 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> flo
         )
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
+    for stats in (a, b):
+        if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+            raise ValueError("Fréchet distance: statistics with NaN or inf values (features of a broken extractor?)")
     covmean = linalg.sqrtm(a.sigma @ b.sigma)
     if not np.isfinite(covmean).all():
         logger.warning("Fréchet distance: singular covariance product; adding %g to the diagonals", eps)
@@ -284,12 +278,7 @@ def load_stats(path: str | Path, assume: tuple[str, str] | None = None) -> Featu
             f"reference statistics not found: {path}. Compute them once with "
             "`python -m eval.metrics ref-stats --images <COCO val2014 folder> ...`"
         )
-    with np.load(path, allow_pickle=False) as data:
-        if "mu" not in data or "sigma" not in data:
-            raise ValueError(f"{path} has no 'mu'/'sigma' arrays; not FID statistics")
-        mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
-        meta = json.loads(str(data["meta"])) if "meta" in data else None
-        features = np.asarray(data["features"], np.float64) if "features" in data else None
+    mu, sigma, meta, features = _read_stats_npz(path)
     if meta is None:
         if assume is None:
             raise ValueError(
@@ -297,9 +286,45 @@ def load_stats(path: str | Path, assume: tuple[str, str] | None = None) -> Featu
                 "('t2ib-ccrop-299', 'inception-pytorch-fid') for T2IBenchmark's COCO statistics"
             )
         meta = {"count": -1, "protocol": assume[0], "extractor": assume[1]}
-    return FeatureStats(
-        mu, sigma, int(meta["count"]), meta["protocol"], meta["extractor"], features, meta.get("images_digest")
-    )
+    try:
+        count, protocol, extractor = int(meta["count"]), str(meta["protocol"]), str(meta["extractor"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: its 'meta' lacks count/protocol/extractor; not written by ref-stats") from None
+    return FeatureStats(mu, sigma, count, protocol, extractor, features, meta.get("images_digest"))
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _read_stats_npz(path: Path) -> tuple[np.ndarray, np.ndarray, dict | None, np.ndarray | None]:
+    """(mu, sigma, meta or None, features or None) of a statistics `.npz`, each checked: one ValueError naming the
+    file for a file that is not an `.npz` (a text file, a `.npy`), a truncated or damaged one, missing arrays,
+    shapes that do not fit, and NaN or inf values (which would make the Fréchet distance's sqrtm run for ever)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC:
+        raise ValueError(f"{path} is not an .npz file (reference statistics are written by `eval.metrics ref-stats`)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" not in data or "sigma" not in data:
+                raise ValueError(f"{path} has no 'mu'/'sigma' arrays; not FID statistics")
+            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+            meta = json.loads(str(data["meta"])) if "meta" in data else None
+            features = np.asarray(data["features"], np.float64) if "features" in data else None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is damaged or truncated ({type(err).__name__}: {err})") from None
+    except ValueError as err:  # numpy: an object array (needs pickle) or a malformed member
+        raise ValueError(f"{path} cannot be read as statistics: {err}") from None
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(f"{path}: its 'meta' record is not a JSON object")
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or mu.size == 0:
+        raise ValueError(f"{path}: need mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if features is not None and (features.ndim != 2 or features.shape[1] != mu.size):
+        raise ValueError(f"{path}: the kept features have shape {features.shape}, not (N, {mu.size})")
+    for name, array in (("mu", mu), ("sigma", sigma), ("features", features)):
+        if array is not None and not np.isfinite(array).all():
+            raise ValueError(f"{path}: {name} holds NaN or inf values; recompute the statistics")
+    return mu, sigma, meta, features
 
 
 # ---------------------------------------------------------------- Inception weights (thin clean-fid wrappers)
@@ -331,6 +356,20 @@ def _check_weights(path: Path, url: str, allow_download: bool) -> bool:
     return False
 
 
+@contextmanager
+def _naming_damaged_weights(path: Path):
+    """Turn torch's errors for a weights file that does not load (truncated, another file, other weights) into one
+    ValueError naming the file and how to replace it."""
+    try:
+        yield
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"--inception {path}: the Inception weights do not load ({first}); the file is damaged or not the "
+            "expected one: download it again (see the README, offline use)"
+        ) from None
+
+
 def load_inception(
     protocol: FIDProtocol,
     weights: str | Path | None = None,
@@ -350,7 +389,8 @@ def load_inception(
         if path.name != CLEAN_INCEPTION_FILE:
             raise ValueError(f"clean-fid loads its Inception from a file named {CLEAN_INCEPTION_FILE}, got {path}")
         present = _check_weights(path, CLEAN_INCEPTION_URL, allow_download)
-        model = InceptionV3W(str(path.parent), download=not present, resize_inside=False).to(device).eval()
+        with _naming_damaged_weights(path):
+            model = InceptionV3W(str(path.parent), download=not present, resize_inside=False).to(device).eval()
         return lambda x: model(x)
 
     from cleanfid.inception_pytorch import InceptionV3
@@ -358,11 +398,12 @@ def load_inception(
     hub_path = Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_FILE
     path = Path(weights) if weights is not None else hub_path
     present = _check_weights(path, PYTORCH_FID_URL, allow_download)
-    if weights is not None and present:
-        with _torch_hub_checkpoint(path, PYTORCH_FID_FILE):
+    with _naming_damaged_weights(path):
+        if weights is not None and present:
+            with _torch_hub_checkpoint(path, PYTORCH_FID_FILE):
+                model = InceptionV3(output_blocks=[3], resize_input=False, normalize_input=True)
+        else:
             model = InceptionV3(output_blocks=[3], resize_input=False, normalize_input=True)
-    else:
-        model = InceptionV3(output_blocks=[3], resize_input=False, normalize_input=True)
     model = model.to(device).eval()
     # T2IBenchmark feeds ToTensor(uint8) = x / 255 and maps it to 2x − 1; normalize_input=True does the 2x − 1.
     return lambda x: model(x / 255.0)[0].flatten(1)

@@ -6,10 +6,12 @@ caption of the sweep, and every file must decode.
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -94,6 +96,62 @@ def read_rgb_array(path: str | Path) -> np.ndarray:
     return np.asarray(read_rgb(path), dtype=np.uint8)
 
 
+class DecodedImages:
+    """Image files → `transform(RGB PIL image)` as a map-style dataset; a file that does not decode yields its error
+    message instead of raising, so that data-loader worker processes never print a traceback (see `image_batches`)."""
+
+    def __init__(self, files: Sequence[str | Path], transform: Callable[[Image.Image], Any]) -> None:
+        self.files = [str(f) for f in files]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, str]:
+        try:
+            image = read_rgb(self.files[index])
+        except ValueError as err:
+            return None, str(err)
+        return self.transform(image), ""
+
+
+def _stack(items: list[tuple[Any, str]]) -> tuple[Any, list[str]]:
+    import torch
+
+    errors = [error for _, error in items if error]
+    return (None if errors else torch.stack([x for x, _ in items])), errors
+
+
+def image_batches(
+    files: Sequence[str | Path],
+    transform: Callable[[Image.Image], Any],
+    batch_size: int,
+    num_workers: int = 0,
+    desc: str = "images",
+    progress: bool = False,
+) -> Iterator[Any]:
+    """Stacked `transform`ed images in file order, `batch_size` at a time, decoded by `num_workers` processes.
+
+    A file that does not decode raises one ValueError naming it in this process, whatever `num_workers` is.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"the number of data-loader workers must be >= 0, got {num_workers}")
+    loader = torch.utils.data.DataLoader(
+        DecodedImages(files, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=_stack,
+    )  # fmt: skip
+    for batch, errors in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if errors:
+            more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
+            raise ValueError(errors[0] + more)
+        yield batch
+
+
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     """Image files in `folder` (sorted; hidden temporaries excluded); raises when the folder does not exist."""
     folder = Path(folder)
@@ -129,3 +187,22 @@ def expected_image_files(folder: str | Path, image_ids: Iterable[int]) -> list[P
             parts.append(f"not in the manifest: {_preview(extra)}")
         raise ValueError("; ".join(parts) + ". Finish the sweep (it resumes) before computing metrics.")
     return [folder / name for name in expected]
+
+
+_COCO_ID = re.compile(r"(\d+)$")
+
+
+def select_reference_images(files: Sequence[Path], image_ids: Sequence[int]) -> list[Path]:
+    """Files whose name ends in one of `image_ids` (`COCO_val2014_000000521669.jpg`, `521669.png`), in id order."""
+    by_id: dict[int, Path] = {}
+    for path in files:
+        match = _COCO_ID.search(path.stem)
+        if match:
+            image_id = int(match.group(1))
+            if image_id in by_id:
+                raise ValueError(f"two files for COCO id {image_id}: {by_id[image_id]} and {path}")
+            by_id[image_id] = path
+    missing = [i for i in image_ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(image_ids)} caption ids have no image, e.g. {missing[:5]}")
+    return [by_id[i] for i in image_ids]

@@ -15,6 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,24 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass(frozen=True)
+class ClaimHolder:
+    """Who holds a claim: host, process id, and how many seconds ago it was taken."""
+
+    host: str
+    pid: int
+    age: float
+
+
+def claim_holder(path: str | Path) -> ClaimHolder | None:
+    """The holder a claim file records; None when the file is gone or not (yet) a complete record."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        return ClaimHolder(str(record["host"]), int(record["pid"]), max(0.0, time.time() - float(record["time"])))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _claim_is_stale(path: Path, text: str, timeout: float) -> bool:

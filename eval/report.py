@@ -1,24 +1,24 @@
-"""Tables and the trade-off plot from metric scores: `results.csv`, Table 3 and Table 9, FID-vs-CLIP.
+"""Tables and plots from metric scores: `results.csv`, Table 3 and Table 9, metric-vs-CLIP and effective-scale plots.
 
-Input: `scores.csv` (one row per method, scale, seed) and optionally `clip_per_image.csv`, both written by
-`python -m eval.metrics score`. Per (method, scale) we report mean ± std over seeds and paired comparisons with the
-baseline (CFG): a paired t-test on per-seed FID and a bootstrap CI on per-image CLIP differences that resamples
-images (all seeds of an image together; `eval.stats`). KID and the effective guidance scale (mean over steps of
-w·mean(r), from the sweep's guidance records) get their own columns, and `fid_clip_effective.png` plots FID and CLIP
-against the effective scale, so that methods can be compared at equal effective rather than nominal guidance.
+Input: `scores.csv` (one row per method, scale, seed) and the per-image files (`{metric}_per_image.csv`, e.g.
+`clip_per_image.csv`), written by `python -m eval.metrics score`. The metrics and their columns come from the
+registry (`eval.registry`). Per (method, scale) we report mean ± std over seeds and paired comparisons with a baseline
+(default CFG): a paired t-test over common seeds for metrics with one value per cell (FID, KID, CMMD) and a bootstrap
+CI of per-image differences that resamples images (all seeds of an image together; `eval.stats`) for metrics with
+per-image values (CLIP score). The effective guidance scale (mean over steps of w·mean(r), from the sweep's guidance
+records) gets its own columns, and `effective_scale.png` plots the metrics against it, so that methods can be
+compared at equal effective rather than nominal guidance.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import logging
 import math
-import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,42 +26,66 @@ import numpy as np
 from goca_scfg.vocab import BASELINE, method_label, method_rank
 
 from . import io
+from .cli_common import OneLineParser, report_error, whole_number
+from .metric_base import MetricEntry
+from .registry import entries
 from .stats import BootstrapCI, MeanStd, PairedTTest, bootstrap_ci, mean_std, paired_t_test
 
 logger = logging.getLogger(__name__)
 
 CellKey = tuple[str, float, int]  # (method, scale, seed)
+PerImage = Mapping[CellKey, Mapping[int, float]]  # one metric's per-image values: {cell: {image_id: value}}
 
 
 @dataclass(frozen=True)
 class Score:
-    """One row of `scores.csv`: FID, mean CLIP score, KID and mean effective guidance scale of one (method, scale,
-    seed) folder; NaN when not computed. `n_images`: None when the file does not say."""
+    """One row of `scores.csv`: the value of every registered metric (NaN when not computed), the mean effective
+    guidance scale and the provenance columns of one (method, scale, seed) folder. `n_images`: None when the file
+    does not say."""
 
     method: str
     scale: float
     seed: int
-    fid: float
-    clip: float
-    kid: float = math.nan
+    values: dict[str, float]
     effective_scale: float = math.nan
     n_images: int | None = None
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> CellKey:
+        return (self.method, self.scale, self.seed)
+
+    def value(self, name: str) -> float:
+        return self.values.get(name, math.nan)
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """A metric with one value per cell against the baseline: mean over common seeds of method − baseline, and the
+    paired t-test (None below 2 common seeds)."""
+
+    diff: float
+    test: PairedTTest | None
 
 
 @dataclass(frozen=True)
 class Summary:
-    """One (method, scale) over its seeds, with paired comparisons against the baseline at the same seeds/images."""
+    """One (method, scale) over its seeds, with paired comparisons against the baseline at the same seeds/images.
+
+    stats: mean ± std over seeds per metric (None without values); by_seed: paired t-tests of per-cell metrics;
+    by_image: bootstrap CIs of per-image differences, paired by (seed, image).
+    """
 
     method: str
     scale: float
     seeds: tuple[int, ...]
-    fid: MeanStd | None
-    clip: MeanStd | None
-    fid_diff: float | None = None  # mean over common seeds of FID(method) − FID(baseline)
-    fid_test: PairedTTest | None = None  # needs >= 2 common seeds
-    clip_diff: BootstrapCI | None = None  # per-image CLIP(method) − CLIP(baseline), paired by (seed, image)
-    kid: MeanStd | None = None
+    stats: dict[str, MeanStd | None]
+    by_seed: dict[str, SeedComparison] = field(default_factory=dict)
+    by_image: dict[str, BootstrapCI] = field(default_factory=dict)
     effective_scale: MeanStd | None = None
+
+    def stat(self, name: str) -> MeanStd | None:
+        return self.stats.get(name)
 
 
 def _float(value: str) -> float:
@@ -72,49 +96,80 @@ def _float(value: str) -> float:
 
 
 def read_scores(path: str | Path) -> list[Score]:
-    """Read `scores.csv` (columns method, scale, seed, fid, clip; kid, effective_scale, n_images when present).
+    """Read `scores.csv`: columns method, scale, seed and at least one registered metric (fid, kid, clip, cmmd);
+    effective_scale, n_images and the provenance columns when present.
 
     A damaged file (wrong field count, unparsable number, duplicate cell) fails naming the file and the line.
     """
-    rows = io.read_table(
-        path,
-        {"method": str, "scale": float, "seed": int, "fid": _float, "clip": _float},
-        {"kid": _float, "effective_scale": _float, "n_images": int},
-    )
+    registered = entries()
+    optional = {e.name: _float for e in registered}
+    optional.update({c: str for e in registered for c in e.provenance})
+    optional.update(effective_scale=_float, n_images=int)
+    rows = io.read_table(path, {"method": str, "scale": float, "seed": int}, optional)
     if not rows:
         raise ValueError(f"{path} has no rows")
+    with open(path, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f))
+    if not any(e.name in header for e in registered):
+        names = ", ".join(e.name for e in registered)
+        raise ValueError(f"{path}, line 1: no metric column ({names}); is it a scores.csv of `eval.metrics score`?")
     scores, seen = [], {}
     for line, r in enumerate(rows, start=2):
         key = (r["method"], r["scale"], r["seed"])
+        if not math.isfinite(r["scale"]):
+            raise ValueError(f"{path}, line {line}: bad scale {r['scale']}")
         if key in seen:
             raise ValueError(f"{path}, line {line}: duplicate (method, scale, seed) {key}, first on line {seen[key]}")
         seen[key] = line
-        optional = {k: r[k] for k in ("kid", "effective_scale") if r[k] is not None}
-        scores.append(Score(*key, r["fid"], r["clip"], n_images=r["n_images"], **optional))
+        values = {e.name: r[e.name] for e in registered if r[e.name] is not None}
+        provenance = {c: r[c] for e in registered for c in e.provenance if r[c]}
+        effective = r["effective_scale"] if r["effective_scale"] is not None else math.nan
+        scores.append(Score(*key, values, effective, r["n_images"], provenance))
     return scores
 
 
-def read_per_image_clip(path: str | Path) -> dict[CellKey, dict[int, float]]:
-    """Read `clip_per_image.csv` (method, scale, seed, image_id, clip) into {cell: {image_id: score}}."""
-    columns = {"method": str, "scale": float, "seed": int, "image_id": int, "clip": float}
+def read_per_image(path: str | Path) -> tuple[str, dict[CellKey, dict[int, float]]]:
+    """Read a `{metric}_per_image.csv` (method, scale, seed, image_id, {metric}) as (metric, {cell: {id: value}})."""
+    with open(path, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f), None) or []
+    names = [e.name for e in entries() if e.per_image and e.name in header]
+    if len(names) != 1:
+        known = ", ".join(e.name for e in entries() if e.per_image)
+        raise ValueError(f"{path}, line 1: expected one per-image metric column ({known}), got the header {header}")
+    name = names[0]
+    columns = {"method": str, "scale": float, "seed": int, "image_id": int, name: float}
     cells: dict[CellKey, dict[int, float]] = defaultdict(dict)
     for line, r in enumerate(io.read_table(path, columns), start=2):
-        scores = cells[(r["method"], r["scale"], r["seed"])]
-        if r["image_id"] in scores:
+        values = cells[(r["method"], r["scale"], r["seed"])]
+        if r["image_id"] in values:
             raise ValueError(f"{path}, line {line}: image {r['image_id']} appears twice for {r['method']}")
-        scores[r["image_id"]] = r["clip"]
-    return dict(cells)
+        if not math.isfinite(r[name]):
+            raise ValueError(f"{path}, line {line}: {name} of image {r['image_id']} is {r[name]}")
+        values[r["image_id"]] = r[name]
+    return name, dict(cells)
 
 
-def check_per_image(scores: Sequence[Score], per_image: Mapping[CellKey, Mapping[int, float]], path: object) -> None:
-    """Every cell of `scores` with a CLIP score must have exactly its `n_images` per-image scores (truncated file?)."""
+def check_per_image(scores: Sequence[Score], name: str, per_image: PerImage, path: object) -> None:
+    """Every cell of `scores` with a value of metric `name` has exactly its `n_images` per-image values (truncated
+    file?), and the file has no cell that `scores` lacks (a file of another run?)."""
+    from .registry import get_entry
+
+    label = get_entry(name).label
+    known = {s.key for s in scores}
+    foreign = sorted(k for k in per_image if k not in known)
+    if foreign:
+        method, scale, seed = foreign[0]
+        raise ValueError(
+            f"{path} has per-image {name} values of {method} w={scale:g} seed {seed}, a cell scores.csv does not "
+            f"list ({len(foreign)} such cells): files of two runs mixed up?"
+        )
     for s in scores:
-        if s.n_images is None or not math.isfinite(s.clip):
+        if s.n_images is None or not math.isfinite(s.value(name)):
             continue
-        found = len(per_image.get((s.method, s.scale, s.seed), {}))
+        found = len(per_image.get(s.key, {}))
         if found != s.n_images:
             raise ValueError(
-                f"{path} has {found} per-image CLIP scores for {s.method} w={s.scale:g} seed {s.seed}, but "
+                f"{path} has {found} per-image {label} scores for {s.method} w={s.scale:g} seed {s.seed}, but "
                 f"scores.csv says {s.n_images} images (damaged or truncated file? rerun `eval.metrics score`)"
             )
 
@@ -127,29 +182,37 @@ def _finite_mean_std(values: Sequence[float]) -> MeanStd | None:
     return mean_std(finite) if finite else None
 
 
-def _paired_clip(
-    method_cells: Mapping[int, Mapping[int, float]], base_cells: Mapping[int, Mapping[int, float]]
+def paired_per_image(
+    name: str, method_cells: Mapping[int, Mapping[int, float]], base_cells: Mapping[int, Mapping[int, float]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image CLIP differences over the (seed, image_id) pairs both sides have, and the image id of each."""
-    pairs = [
-        (scores[image_id] - base_cells[seed][image_id], image_id)
-        for seed, scores in sorted(method_cells.items())
-        if seed in base_cells
-        for image_id in sorted(scores)
-        if image_id in base_cells[seed]
-    ]
-    diffs = np.asarray([d for d, _ in pairs], dtype=np.float64)
-    return diffs, np.asarray([i for _, i in pairs], dtype=np.int64)
+    """Per-image differences method − baseline over the seeds both sides have, and the image id of each.
+
+    At every common seed both sides must hold the same image ids: an image the other side lacks would otherwise drop
+    out of the comparison unseen, so it is an error naming the seed and the first unpaired ids.
+    """
+    diffs, images = [], []
+    for seed in sorted(set(method_cells) & set(base_cells)):
+        mine, theirs = method_cells[seed], base_cells[seed]
+        if set(mine) != set(theirs):
+            only_mine, only_theirs = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+            raise ValueError(
+                f"per-image {name} values do not pair up at seed {seed}: images only on the method's side "
+                f"{only_mine[:5]}, only on the baseline's side {only_theirs[:5]} (cells of different caption sets?)"
+            )
+        for image_id in sorted(mine):
+            diffs.append(mine[image_id] - theirs[image_id])
+            images.append(image_id)
+    return np.asarray(diffs, dtype=np.float64), np.asarray(images, dtype=np.int64)
 
 
 def summarize(
     scores: Sequence[Score],
-    per_image: Mapping[CellKey, Mapping[int, float]] | None = None,
+    per_image: Mapping[str, PerImage] | None = None,
     baseline: str = BASELINE,
     n_resamples: int = 10_000,
     seed: int = 0,
 ) -> list[Summary]:
-    """Mean ± std over seeds per (method, scale) and paired comparisons with `baseline`."""
+    """Mean ± std over seeds per (method, scale) and every metric, and paired comparisons with `baseline`."""
     by_cell: dict[tuple[str, float], dict[int, Score]] = defaultdict(dict)
     for s in scores:
         by_cell[(s.method, s.scale)][s.seed] = s
@@ -162,42 +225,45 @@ def summarize(
             method,
             scale,
             tuple(seeds),
-            _finite_mean_std([runs[k].fid for k in seeds]),
-            _finite_mean_std([runs[k].clip for k in seeds]),
-            kid=_finite_mean_std([runs[k].kid for k in seeds]),
+            {e.name: _finite_mean_std([runs[k].value(e.name) for k in seeds]) for e in entries()},
             effective_scale=_finite_mean_std([runs[k].effective_scale for k in seeds]),
         )
         base = by_cell.get((baseline, scale))
         if method != baseline and base is not None:
-            summary = _compare(summary, runs, base, method, baseline, per_image, n_resamples, seed)
+            by_seed, by_image = _compare(runs, base, per_image, n_resamples, seed)
+            summary = dataclasses.replace(summary, by_seed=by_seed, by_image=by_image)
         summaries.append(summary)
     return summaries
 
 
 def _compare(
-    summary: Summary,
     runs: Mapping[int, Score],
     base: Mapping[int, Score],
-    method: str,
-    baseline: str,
-    per_image: Mapping[CellKey, Mapping[int, float]],
+    per_image: Mapping[str, PerImage],
     n_resamples: int,
     seed: int,
-) -> Summary:
-    """Fill the paired FID test (common seeds) and the per-image CLIP bootstrap (common seeds and images)."""
-    common = [k for k in sorted(runs) if k in base and math.isfinite(runs[k].fid) and math.isfinite(base[k].fid)]
-    fid_diff = fid_test = clip_diff = None
-    if common:
-        a, b = [runs[k].fid for k in common], [base[k].fid for k in common]
-        fid_diff = float(np.mean(np.subtract(a, b)))
-        fid_test = paired_t_test(a, b) if len(common) >= 2 else None
-    scale = summary.scale
-    mine = {k: per_image[(method, scale, k)] for k in runs if (method, scale, k) in per_image}
-    theirs = {k: per_image[(baseline, scale, k)] for k in base if (baseline, scale, k) in per_image}
-    diffs, images = _paired_clip(mine, theirs)
-    if diffs.size:
-        clip_diff = bootstrap_ci(diffs, n_resamples=n_resamples, seed=seed, units=images)
-    return dataclasses.replace(summary, fid_diff=fid_diff, fid_test=fid_test, clip_diff=clip_diff)
+) -> tuple[dict[str, SeedComparison], dict[str, BootstrapCI]]:
+    """The paired t-tests (common seeds) and the per-image bootstraps (common seeds and images) of one (method,
+    scale) against the baseline at the same scale."""
+    by_seed: dict[str, SeedComparison] = {}
+    by_image: dict[str, BootstrapCI] = {}
+    for entry in entries():
+        name = entry.name
+        common = [k for k in sorted(runs) if k in base and math.isfinite(runs[k].value(name))]
+        common = [k for k in common if math.isfinite(base[k].value(name))]
+        if common:
+            a, b = [runs[k].value(name) for k in common], [base[k].value(name) for k in common]
+            test = paired_t_test(a, b) if len(common) >= 2 else None
+            by_seed[name] = SeedComparison(float(np.mean(np.subtract(a, b))), test)
+        if not entry.per_image or name not in per_image:
+            continue
+        values = per_image[name]
+        mine = {k: values[runs[k].key] for k in runs if runs[k].key in values}
+        theirs = {k: values[base[k].key] for k in base if base[k].key in values}
+        diffs, images = paired_per_image(name, mine, theirs)
+        if diffs.size:
+            by_image[name] = bootstrap_ci(diffs, n_resamples=n_resamples, seed=seed, units=images)
+    return by_seed, by_image
 
 
 # ---------------------------------------------------------------- outputs
@@ -207,43 +273,48 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def results_rows(summaries: Sequence[Summary]) -> list[dict[str, str]]:
-    """Flat rows for `results.csv`: one per (method, scale)."""
+def _shown(summaries: Sequence[Summary], primary_only: bool) -> list[MetricEntry]:
+    """Entries with a column: the paper's always, the others when some summary has a value."""
+    return [
+        e
+        for e in entries()
+        if (e.primary or not primary_only) and (e.always_shown or any(s.stat(e.name) for s in summaries))
+    ]
+
+
+def results_rows(summaries: Sequence[Summary], baseline: str = BASELINE) -> list[dict[str, str]]:
+    """Flat rows for `results.csv`, one per (method, scale); comparison columns are named `…_vs_{baseline}`."""
     rows = []
+    vs = f"vs_{baseline}"
     for s in summaries:
-        rows.append(
-            {
-                "method": s.method,
-                "scale": f"{s.scale:g}",
-                "seeds": " ".join(str(k) for k in s.seeds),
-                "n_seeds": str(len(s.seeds)),
-                "fid_mean": _num(s.fid.mean if s.fid else None, 4),
-                "fid_std": _num(s.fid.std if s.fid else None, 4),
-                "clip_mean": _num(s.clip.mean if s.clip else None, 4),
-                "clip_std": _num(s.clip.std if s.clip else None, 4),
-                "fid_diff_vs_cfg": _num(s.fid_diff, 4),
-                "fid_t_vs_cfg": _num(s.fid_test.t if s.fid_test else None, 4),
-                "fid_p_vs_cfg": _num(s.fid_test.p if s.fid_test else None, 6),
-                "clip_diff_vs_cfg": _num(s.clip_diff.mean if s.clip_diff else None, 4),
-                "clip_ci_low_vs_cfg": _num(s.clip_diff.low if s.clip_diff else None, 4),
-                "clip_ci_high_vs_cfg": _num(s.clip_diff.high if s.clip_diff else None, 4),
-                "clip_ci_unit": "image" if s.clip_diff else "",
-                "kid_mean": _num(s.kid.mean if s.kid else None, 6),
-                "kid_std": _num(s.kid.std if s.kid else None, 6),
-                "effective_scale_mean": _num(s.effective_scale.mean if s.effective_scale else None, 4),
-                "effective_scale_std": _num(s.effective_scale.std if s.effective_scale else None, 4),
-            }
-        )
+        row = {"method": s.method, "scale": f"{s.scale:g}", "seeds": " ".join(map(str, s.seeds))}
+        row["n_seeds"] = str(len(s.seeds))
+        for e in entries():
+            stat, digits = s.stat(e.name), e.digits + 2
+            row[f"{e.name}_mean"] = _num(stat.mean if stat else None, digits)
+            row[f"{e.name}_std"] = _num(stat.std if stat else None, digits)
+        for e in entries():
+            if e.per_image:
+                ci = s.by_image.get(e.name)
+                row[f"{e.name}_diff_{vs}"] = _num(ci.mean if ci else None, e.digits + 2)
+                row[f"{e.name}_ci_low_{vs}"] = _num(ci.low if ci else None, e.digits + 2)
+                row[f"{e.name}_ci_high_{vs}"] = _num(ci.high if ci else None, e.digits + 2)
+                row[f"{e.name}_ci_unit"] = "image" if ci else ""
+            else:
+                cmp = s.by_seed.get(e.name)
+                row[f"{e.name}_diff_{vs}"] = _num(cmp.diff if cmp else None, e.digits + 2)
+                row[f"{e.name}_t_{vs}"] = _num(cmp.test.t if cmp and cmp.test else None, 4)
+                row[f"{e.name}_p_{vs}"] = _num(cmp.test.p if cmp and cmp.test else None, 6)
+        row["effective_scale_mean"] = _num(s.effective_scale.mean if s.effective_scale else None, 4)
+        row["effective_scale_std"] = _num(s.effective_scale.std if s.effective_scale else None, 4)
+        rows.append(row)
     return rows
 
 
-def write_results_csv(summaries: Sequence[Summary], path: str | Path) -> None:
+def write_results_csv(summaries: Sequence[Summary], path: str | Path, baseline: str = BASELINE) -> None:
     """Write `results.csv`."""
-    rows = results_rows(summaries)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = results_rows(summaries, baseline)
+    io.atomic_write_text(path, io.csv_text(list(rows[0]), [list(r.values()) for r in rows]))
 
 
 def _best(values: Mapping[str, float | None], lower_is_better: bool) -> set[str]:
@@ -254,127 +325,157 @@ def _best(values: Mapping[str, float | None], lower_is_better: bool) -> set[str]
     return {k for k, v in finite.items() if math.isclose(v, target)}
 
 
-def table3_markdown(summaries: Sequence[Summary]) -> str:
-    """Paper Table 3 layout: one row per method, FID↓ and CLIP↑ for each guidance scale w; best per column bold."""
+def _notes(summaries: Sequence[Summary], shown: Sequence[MetricEntry], scores: Sequence[Score] = ()) -> str:
+    """One line naming how each shown metric was made (its note and the provenance values found in scores.csv)."""
+    parts = []
+    for e in (e for e in shown if any(s.stat(e.name) for s in summaries)):
+        found = sorted({s.provenance[c] for s in scores for c in e.provenance if s.provenance.get(c)})
+        parts.append(e.note + (f" ({', '.join(found)})" if found else ""))
+    return "; ".join(p for p in parts if p)
+
+
+def table3_markdown(summaries: Sequence[Summary], scores: Sequence[Score] = ()) -> str:
+    """Paper Table 3 layout: one row per method, each headline metric (FID↓, CLIP↑, CMMD↓ when computed) for each
+    guidance scale w; best per column bold."""
+    shown = _shown(summaries, primary_only=True)
     scales = sorted({s.scale for s in summaries})
     methods = sorted({s.method for s in summaries}, key=method_rank)
     cell = {(s.method, s.scale): s for s in summaries}
-    header = ["Method"] + [f"w={w:g} {name}" for w in scales for name in ("FID↓", "CLIP↑")]
+    header = ["Method"] + [f"w={w:g} {e.label}{e.arrow}" for w in scales for e in shown]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     best = {}
     for w in scales:
-        fids = {m: cell[(m, w)].fid.mean if (m, w) in cell and cell[(m, w)].fid else None for m in methods}
-        clips = {m: cell[(m, w)].clip.mean if (m, w) in cell and cell[(m, w)].clip else None for m in methods}
-        best[(w, "fid")], best[(w, "clip")] = _best(fids, True), _best(clips, False)
+        for e in shown:
+            means = {m: cell[(m, w)].stat(e.name).mean if (m, w) in cell and cell[(m, w)].stat(e.name) else None
+                     for m in methods}  # fmt: skip
+            best[(w, e.name)] = _best(means, e.lower_is_better)
     for m in methods:
         row = [method_label(m)]
         for w in scales:
             s = cell.get((m, w))
-            for key, stat in (("fid", s.fid if s else None), ("clip", s.clip if s else None)):
-                text = _num(stat.mean if stat else None) or "–"
-                row.append(f"**{text}**" if m in best[(w, key)] else text)
+            for e in shown:
+                stat = s.stat(e.name) if s else None
+                text = _num(stat.mean if stat else None, e.digits) or "–"
+                row.append(f"**{text}**" if m in best[(w, e.name)] else text)
         lines.append("| " + " | ".join(row) + " |")
     n_seeds = sorted({len(s.seeds) for s in summaries})
     note = "single seed" if n_seeds == [1] else f"mean over {'/'.join(map(str, n_seeds))} seeds"
-    return "\n".join(lines) + f"\n\nFID↓ and CLIP score↑ (100 × cosine, ViT-B/32) on COCO captions; {note}.\n"
+    notes = _notes(summaries, shown, scores)
+    return "\n".join(lines) + f"\n\nOn the run's captions; {note}." + (f" {notes}." if notes else "") + "\n"
 
 
-def _pm(stat: MeanStd | None) -> str:
+def _pm(stat: MeanStd | None, digits: int = 2) -> str:
     if stat is None:
         return "–"
-    return _num(stat.mean) if not math.isfinite(stat.std) else f"{stat.mean:.2f} ± {stat.std:.2f}"
+    if not math.isfinite(stat.std):
+        return _num(stat.mean, digits)
+    return f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
 
 
-def table9_markdown(summaries: Sequence[Summary]) -> str:
-    """Paper Table 9 layout (App. F): mean ± std over seeds, plus the paired comparisons with CFG."""
-    header = ["Method", "w", "w_eff", "seeds", "FID↓", "KID↓", "CLIP↑", "ΔFID vs CFG (paired t, p)"]
-    header.append("ΔCLIP vs CFG [95% CI]")
+def table9_markdown(summaries: Sequence[Summary], baseline: str = BASELINE, scores: Sequence[Score] = ()) -> str:
+    """Paper Table 9 layout (App. F): mean ± std over seeds of every metric, plus the paired comparisons of the
+    headline metrics with the baseline."""
+    shown = _shown(summaries, primary_only=False)
+    compared = [e for e in shown if e.primary]
+    base = method_label(baseline)
+    header = ["Method", "w", "w_eff", "seeds", *(f"{e.label}{e.arrow}" for e in shown)]
+    header += [f"Δ{e.label} vs {base} " + ("[95% CI]" if e.per_image else "(paired t, p)") for e in compared]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for s in sorted(summaries, key=lambda s: (s.scale, method_rank(s.method))):
-        if s.fid_diff is None:
-            fid_cmp = "–"
-        elif s.fid_test is None:
-            fid_cmp = f"{s.fid_diff:+.2f} (n<2)"
-        else:
-            fid_cmp = f"{s.fid_diff:+.2f} (t={s.fid_test.t:.2f}, p={s.fid_test.p:.3g})"
-        clip_cmp = (
-            "–"
-            if s.clip_diff is None
-            else f"{s.clip_diff.mean:+.3f} [{s.clip_diff.low:+.3f}, {s.clip_diff.high:+.3f}]"
-        )
-        kid = "–" if s.kid is None else f"{s.kid.mean:.4f}"
-        row = [method_label(s.method), f"{s.scale:g}", _pm(s.effective_scale), str(len(s.seeds)), _pm(s.fid), kid]
-        row += [_pm(s.clip), fid_cmp, clip_cmp]
+        row = [method_label(s.method), f"{s.scale:g}", _pm(s.effective_scale), str(len(s.seeds))]
+        row += [_pm(s.stat(e.name), e.digits) for e in shown]
+        for e in compared:
+            if e.per_image:
+                ci, d = s.by_image.get(e.name), e.digits + 1
+                row.append("–" if ci is None else f"{ci.mean:+.{d}f} [{ci.low:+.{d}f}, {ci.high:+.{d}f}]")
+                continue
+            cmp, d = s.by_seed.get(e.name), e.digits
+            if cmp is None:
+                row.append("–")
+            elif cmp.test is None:
+                row.append(f"{cmp.diff:+.{d}f} (n<2)")
+            else:
+                row.append(f"{cmp.diff:+.{d}f} (t={cmp.test.t:.2f}, p={cmp.test.p:.3g})")
         lines.append("| " + " | ".join(row) + " |")
     return (
         "\n".join(lines) + "\n\nmean ± sample std over seeds; w_eff: effective guidance scale, mean over steps of "
-        "w·mean(r); ΔFID: paired t-test over common seeds; ΔCLIP: percentile bootstrap of per-image differences "
-        "paired by (seed, image), resampling images (all seeds of an image together).\n"
+        "w·mean(r); per-cell metrics: paired t-test over common seeds; per-image metrics: percentile bootstrap of "
+        "per-image differences paired by (seed, image), resampling images (all seeds of an image together)."
+        + (f" {notes}." if (notes := _notes(summaries, shown, scores)) else "")
+        + "\n"
     )
 
 
-def plot_tradeoff(summaries: Sequence[Summary], path: str | Path) -> None:
-    """FID-vs-CLIP curve across guidance scales, one line per method (PNG); error bars show std over seeds."""
+def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4.5), dpi=120)
+    fig = Figure(figsize=(width, height), dpi=120)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_tradeoff(
+    summaries: Sequence[Summary], path: str | Path, y: MetricEntry | None = None, x: MetricEntry | None = None
+) -> None:
+    """Metric `y` (default FID) against per-image metric `x` (default CLIP) across guidance scales, one line per
+    method (PNG); error bars show std over seeds."""
+    from .registry import get_entry
+
+    y, x = y or get_entry("fid"), x or get_entry("clip")
+    fig = _figure(6, 4.5)
     ax = fig.add_subplot()
     plotted = 0
     for method in sorted({s.method for s in summaries}, key=method_rank):
-        points = sorted((s for s in summaries if s.method == method and s.fid and s.clip), key=lambda s: s.scale)
+        points = [s for s in summaries if s.method == method and s.stat(y.name) and s.stat(x.name)]
+        points.sort(key=lambda s: s.scale)
         if not points:
             continue
         plotted += 1
-        x = [p.clip.mean for p in points]
-        y = [p.fid.mean for p in points]
-        xerr = [p.clip.std if math.isfinite(p.clip.std) else 0.0 for p in points]
-        yerr = [p.fid.std if math.isfinite(p.fid.std) else 0.0 for p in points]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=2, label=method_label(method))
-        for p, xi, yi in zip(points, x, y):
+        xs, ys = [p.stat(x.name).mean for p in points], [p.stat(y.name).mean for p in points]
+        xerr = [p.stat(x.name).std if math.isfinite(p.stat(x.name).std) else 0.0 for p in points]
+        yerr = [p.stat(y.name).std if math.isfinite(p.stat(y.name).std) else 0.0 for p in points]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=2, label=method_label(method))
+        for p, xi, yi in zip(points, xs, ys):
             ax.annotate(f"w={p.scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("CLIP score ↑ (100 × cosine)")
-    ax.set_ylabel("FID ↓")
-    ax.set_title("FID vs CLIP across guidance scales")
+    ax.set_xlabel(f"{x.label} {x.arrow}")
+    ax.set_ylabel(f"{y.label} {y.arrow}")
+    ax.set_title(f"{y.label} vs {x.label} across guidance scales")
     ax.grid(alpha=0.3)
     if plotted:
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no (method, scale) has both FID and CLIP", ha="center", va="center", transform=ax.transAxes)
+        text = f"no (method, scale) has both {y.label} and {x.label}"
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, format="png")
 
 
-def plot_effective(summaries: Sequence[Summary], path: str | Path) -> None:
-    """FID and CLIP against the effective guidance scale (PNG): one line per method, points at each nominal w."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+def plot_effective(summaries: Sequence[Summary], path: str | Path, shown: Sequence[MetricEntry] | None = None) -> None:
+    """Each headline metric against the effective guidance scale (PNG): one panel per metric, one line per method,
+    points at each nominal w."""
+    shown = list(shown) if shown is not None else _shown(summaries, primary_only=True)
+    fig = _figure(5 * max(1, len(shown)), 4.5)
+    axes = fig.subplots(1, max(1, len(shown)), squeeze=False)[0]
     plotted = 0
     for method in sorted({s.method for s in summaries}, key=method_rank):
         points = sorted((s for s in summaries if s.method == method and s.effective_scale), key=lambda s: s.scale)
-        for ax, metric in zip(axes, ("fid", "clip")):
-            kept = [p for p in points if getattr(p, metric)]
+        for ax, e in zip(axes, shown):
+            kept = [p for p in points if p.stat(e.name)]
             if not kept:
                 continue
             plotted += 1
-            x = [p.effective_scale.mean for p in kept]
-            ax.plot(x, [getattr(p, metric).mean for p in kept], marker="o", label=method_label(method))
-            for p, xi in zip(kept, x):
-                ax.annotate(f"w={p.scale:g}", (xi, getattr(p, metric).mean), xytext=(4, 4), fontsize=7,
-                            textcoords="offset points")  # fmt: skip
-    for ax, name in zip(axes, ("FID ↓", "CLIP score ↑ (100 × cosine)")):
+            xs, ys = [p.effective_scale.mean for p in kept], [p.stat(e.name).mean for p in kept]
+            ax.plot(xs, ys, marker="o", label=method_label(method))
+            for p, xi, yi in zip(kept, xs, ys):
+                ax.annotate(f"w={p.scale:g}", (xi, yi), xytext=(4, 4), fontsize=7, textcoords="offset points")
+    for ax, e in zip(axes, shown):
         ax.set_xlabel("effective guidance scale  mean_t(w·mean r)")
-        ax.set_ylabel(name)
+        ax.set_ylabel(f"{e.label} {e.arrow}")
+        ax.set_title(f"{e.label} at equal effective guidance")
         ax.grid(alpha=0.3)
-        if plotted:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    axes[0].set_title("FID at equal effective guidance")
-    axes[1].set_title("CLIP at equal effective guidance")
     if not plotted:
         fig.text(0.5, 0.5, "no effective-scale records (sweep guidance CSVs)", ha="center", va="center")
     fig.tight_layout()
@@ -384,41 +485,65 @@ def plot_effective(summaries: Sequence[Summary], path: str | Path) -> None:
 def build_report(
     scores_csv: str | Path,
     out_dir: str | Path,
-    per_image_csv: str | Path | None = None,
+    per_image_csv: str | Path | Sequence[str | Path] | None = None,
     n_resamples: int = 10_000,
     seed: int = 0,
+    baseline: str = BASELINE,
 ) -> dict[str, Path]:
-    """Write results.csv, table3.md, table9.md (when some cell has several seeds), fid_clip.png and
-    fid_clip_effective.png to `out_dir`."""
+    """Write results.csv, table3.md, table9.md (when some cell has several seeds or a per-image comparison), one
+    `{metric}_{per-image metric}.png` trade-off plot per headline pair (fid_clip.png, cmmd_clip.png) and
+    effective_scale.png to `out_dir`. `per_image_csv`: one or several `{metric}_per_image.csv` files."""
+    scores = read_scores(scores_csv)
+    methods = {s.method for s in scores}
+    if baseline not in methods:
+        logger.warning("no %s rows in %s: no paired comparisons (methods: %s)", baseline, scores_csv, sorted(methods))
+    paths_in = [per_image_csv] if isinstance(per_image_csv, str | Path) else list(per_image_csv or [])
+    per_image: dict[str, PerImage] = {}
+    for path in paths_in:
+        name, values = read_per_image(path)
+        if name in per_image:
+            raise ValueError(f"two per-image files of {name} given ({path})")
+        check_per_image(scores, name, values, path)
+        per_image[name] = values
+    summaries = summarize(scores, per_image, baseline, n_resamples=n_resamples, seed=seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores = read_scores(scores_csv)
-    per_image = None
-    if per_image_csv is not None:
-        per_image = read_per_image_clip(per_image_csv)
-        check_per_image(scores, per_image, per_image_csv)
-    summaries = summarize(scores, per_image, n_resamples=n_resamples, seed=seed)
-    paths = {"results": out_dir / "results.csv", "table3": out_dir / "table3.md", "plot": out_dir / "fid_clip.png"}
-    paths["effective"] = out_dir / "fid_clip_effective.png"
-    write_results_csv(summaries, paths["results"])
-    paths["table3"].write_text(table3_markdown(summaries), encoding="utf-8")
-    if any(len(s.seeds) > 1 for s in summaries) or any(s.clip_diff is not None for s in summaries):
+    paths = {"results": out_dir / "results.csv", "table3": out_dir / "table3.md"}
+    write_results_csv(summaries, paths["results"], baseline)
+    io.atomic_write_text(paths["table3"], table3_markdown(summaries, scores))
+    if any(len(s.seeds) > 1 for s in summaries) or any(s.by_image for s in summaries):
         paths["table9"] = out_dir / "table9.md"
-        paths["table9"].write_text(table9_markdown(summaries), encoding="utf-8")
-    plot_tradeoff(summaries, paths["plot"])
-    plot_effective(summaries, paths["effective"])
+        io.atomic_write_text(paths["table9"], table9_markdown(summaries, baseline, scores))
+    shown = _shown(summaries, primary_only=True)
+    pairs = [(y, x) for y in shown if not y.per_image for x in shown if x.per_image]
+    pairs = [(y, x) for y, x in pairs if any(s.stat(y.name) and s.stat(x.name) for s in summaries)] or pairs[:1]
+    for y, x in pairs:
+        paths[f"{y.name}_{x.name}"] = out_dir / f"{y.name}_{x.name}.png"
+        plot_tradeoff(summaries, paths[f"{y.name}_{x.name}"], y, x)
+    paths["effective"] = out_dir / "effective_scale.png"
+    plot_effective(summaries, paths["effective"], shown)
     return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m eval.report --run DIR` (or `--scores CSV`): tables and the plot."""
-    parser = argparse.ArgumentParser(prog="goca-scfg-report", description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, help="sweep folder; reads {run}/metrics/scores.csv and clip_per_image.csv")
+    """`python -m eval.report --run DIR` (or `--scores CSV`): tables and the plots."""
+    parser = OneLineParser(prog="goca-scfg-report", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, help="sweep folder; reads {run}/metrics/scores.csv and per-image files")
     parser.add_argument("--scores", type=Path, help="scores.csv (default: {run}/metrics/scores.csv)")
-    parser.add_argument("--per-image", type=Path, help="clip_per_image.csv (default: next to scores.csv if present)")
+    parser.add_argument(
+        "--per-image",
+        type=Path,
+        action="append",
+        help="a {metric}_per_image.csv (repeatable; default: every one next to scores.csv, e.g. clip_per_image.csv)",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: {run}/report or next to scores.csv)")
-    parser.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples (default 10000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
+    parser.add_argument(
+        "--baseline", default=BASELINE, help=f"method the others are compared with (default {BASELINE})"
+    )
+    parser.add_argument(
+        "--bootstrap", type=whole_number(1), default=10_000, help="bootstrap resamples (default 10000)"
+    )
+    parser.add_argument("--seed", type=whole_number(0), default=0, help="bootstrap RNG seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.scores is None and args.run is None:
@@ -427,15 +552,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not scores.is_file():
         parser.error(f"scores file not found: {scores} (run `python -m eval.metrics score` first)")
     per_image = args.per_image
-    if per_image is None and (scores.parent / "clip_per_image.csv").is_file():
-        per_image = scores.parent / "clip_per_image.csv"
+    if per_image is None:
+        found = (scores.parent / e.per_image_file for e in entries() if e.per_image)
+        per_image = [p for p in found if p.is_file()]
     out = args.out or (args.run / "report" if args.run else scores.parent / "report")
     try:
-        paths = build_report(scores, out, per_image, n_resamples=args.bootstrap, seed=args.seed)
+        if args.baseline != BASELINE and args.baseline not in {s.method for s in read_scores(scores)}:
+            raise ValueError(f"--baseline {args.baseline}: {scores} has no rows of that method")
+        paths = build_report(
+            scores, out, per_image, n_resamples=args.bootstrap, seed=args.seed, baseline=args.baseline
+        )
     except (OSError, ValueError) as err:
-        logger.debug("error details", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     print(paths["table3"].read_text(encoding="utf-8"))
     for name, path in paths.items():
         print(f"{name}: {path}")

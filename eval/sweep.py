@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from goca_scfg.checks import MAX_STEPS
 from goca_scfg.families import FAMILIES
 from goca_scfg.loading import SD15_MODEL_ID, load_pipeline, native_size, swap_scheduler
 from goca_scfg.vocab import (
@@ -52,13 +53,24 @@ from goca_scfg.vocab import (
 
 from . import io
 from .captions import DEFAULT_CAPTIONS, Caption, format_captions, load_captions, select_captions
+from .cli_common import SEED_MAX, OneLineParser, check_device, positive_seconds, report_error, seed_list, whole_number
+from .guidance_log import (  # noqa: F401  (GUIDANCE_COLUMNS, guidance_path, read_guidance: the records' public names)
+    GUIDANCE_COLUMNS,
+    assemble_guidance,
+    guidance_part_path,
+    guidance_path,
+    guidance_rows,
+    read_guidance,
+    write_guidance_part,
+)
 from .images import png_problem
+from .manifest import CAPTIONS_FILE, MANIFEST, check_captions_file, check_manifest
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-CAPTIONS_FILE = "captions.csv"
 MANIFEST_FORMAT = 2  # 2: fixed caption groups, settings tag in every PNG
+DEFAULT_PRESET = "paper"
+MAX_SIZE = 4096  # pixels per side, as `goca-scfg generate`
 SeedMode = Literal["same", "per-image"]
 Dtype = str  # a `goca_scfg.vocab` dtype name or "auto"
 _VERSIONED = ("goca-scfg", "torch", "diffusers", "transformers", "accelerate", "numpy", "pillow", "safetensors")
@@ -157,6 +169,9 @@ class SweepPlan:
         bad = [w for w in self.scales if not (math.isfinite(w) and w > 0)]
         if bad:
             raise ValueError(f"guidance scales must be finite and > 0, got {bad}")
+        bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX]
+        if bad:
+            raise ValueError(f"seeds must be whole numbers in 0 … 2**64 - 1 (torch's seed range), got {bad}")
 
 
 @dataclass(frozen=True)
@@ -266,14 +281,19 @@ def build_manifest(plan: SweepPlan, captions_md5: str, device: torch.device) -> 
     return json.loads(json.dumps(manifest))  # tuples → lists, as read back from disk
 
 
+def _check_batch_size(recorded: object, requested: int) -> None:
+    if recorded != requested:
+        raise ValueError(
+            f"this output folder was generated with --batch-size {recorded}; the batch size decides pixels (fixed "
+            f"caption groups), so resuming with --batch-size {requested} is refused. Pass --batch-size {recorded}, "
+            "or use another --out."
+        )
+
+
 def merge_manifest(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Extend an existing run with more methods, scales or seeds; anything that decides pixels must be unchanged."""
-    if old.get("format") == new["format"] and old.get("batch_size") != new["batch_size"]:
-        raise ValueError(
-            f"this output folder was generated with --batch-size {old.get('batch_size')}; the batch size decides "
-            f"pixels (fixed caption groups), so resuming with --batch-size {new['batch_size']} is refused. Pass "
-            f"--batch-size {old.get('batch_size')}, or use another --out."
-        )
+    if old.get("format") == new["format"]:
+        _check_batch_size(old.get("batch_size"), new["batch_size"])
     for key in ("format", "generation", "captions"):
         if old.get(key) != new[key]:
             raise ValueError(
@@ -291,6 +311,27 @@ def merge_manifest(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return {**new, "methods": methods, "scales": scales, "seeds": seeds, "cells": cells}
 
 
+def check_existing_run(plan: SweepPlan) -> None:
+    """What a resume of `plan.out` refuses and can be told before the pipeline loads: a damaged manifest, a caption
+    file edited after the run, other captions, another batch size. The rest (the generation settings, resolved by the
+    pipeline) is checked by `prepare_output`."""
+    path = plan.out / MANIFEST
+    if not path.is_file():
+        return
+    old = check_manifest(io.read_json(path), path)
+    if (plan.out / old["captions"]["file"]).exists():
+        check_captions_file(plan.out, old)
+    md5 = hashlib.md5(format_captions(plan.captions).encode("utf-8")).hexdigest()
+    if old["captions"]["md5"] != md5:
+        raise ValueError(
+            f"{plan.out} was generated for other captions ({old['captions'].get('count')} from "
+            f"{old['captions'].get('source')}, limit {old['captions'].get('limit')}); pass the same "
+            "--captions/--limit/--subset-seed to resume, or use another --out"
+        )
+    if old.get("format") == MANIFEST_FORMAT:
+        _check_batch_size(old.get("batch_size"), plan.batch_size)
+
+
 def prepare_output(plan: SweepPlan, device: torch.device, write: bool) -> dict[str, Any]:
     """Check `plan` against an existing manifest and (when `write`) store captions.csv and the merged manifest."""
     captions_text = format_captions(plan.captions)
@@ -302,7 +343,10 @@ def prepare_output(plan: SweepPlan, device: torch.device, write: bool) -> dict[s
         time.sleep(0.05)
     try:
         if path.is_file():
-            manifest = merge_manifest(io.read_json(path), manifest)
+            old = check_manifest(io.read_json(path), path)
+            if (plan.out / old["captions"]["file"]).exists():
+                check_captions_file(plan.out, old)  # edited after the run: its images belong to other captions
+            manifest = merge_manifest(old, manifest)
         if write:
             if not (plan.out / CAPTIONS_FILE).is_file():
                 io.atomic_write_text(plan.out / CAPTIONS_FILE, captions_text)
@@ -382,86 +426,24 @@ def _claim_path(out: Path, work: GroupWork) -> Path:
     return out / ".claims" / work.cell / f"group-{work.index:06d}"
 
 
-def guidance_part_path(out: Path, cell: str, index: int) -> Path:
-    """Per-group effective-guidance rows, assembled into `guidance_path` when the cell is complete."""
-    return out / "guidance" / f"{cell}.parts" / f"group-{index:06d}.csv"
+@dataclass(frozen=True)
+class Unfinished:
+    """Why one image of a group is not finished.
 
-
-def guidance_path(out: Path, cell: str) -> Path:
-    """`{out}/guidance/{method}/cfg-{scale}/seed-{seed}.csv`: one row per image (see `guidance_rows`)."""
-    return out / "guidance" / f"{cell}.csv"
-
-
-GUIDANCE_COLUMNS = (
-    "image_id",
-    "guidance_scale",
-    "effective_scale",
-    "mean_rate",
-    "fg_mean_rate",
-    "rate_per_step",
-    "fg_rate_per_step",
-)
-
-
-def guidance_rows(
-    captions: Sequence[Caption], scale: float, rates: Sequence[Any] | None, iterations: int
-) -> list[tuple]:
-    """Effective guidance of each image of one call (item 9): the mean applied rate r per step over all pixels and over
-    the foreground, their means over steps, and the effective scale mean_steps(w·mean(r)).
-
-    `rates` is the pipeline output's `rates` (one `SCFGStepRates` per denoising-loop iteration), None for plain CFG,
-    where r = 1 at each of the `iterations` and the effective scale is exactly w.
+    `kind`: "missing" (no file), "damaged" (truncated, other size or mode, other settings; `reason` says which) or
+    "guidance" (the image is fine, the group's guidance record is not).
     """
-    rows = []
-    for i, caption in enumerate(captions):
-        if rates is None:
-            scales, means, fg = [float(scale)] * iterations, [1.0] * iterations, [1.0] * iterations
-        else:
-            scales = [float(r.guidance_scale) for r in rates]
-            means = [float(r.mean[i]) for r in rates]
-            fg = [float(r.fg_mean[i]) for r in rates]
-        effective = math.fsum(w * m for w, m in zip(scales, means)) / len(means)
-        finite_fg = [v for v in fg if math.isfinite(v)]
-        rows.append(
-            (
-                caption.image_id,
-                repr(float(scale)),
-                repr(effective),
-                repr(math.fsum(means) / len(means)),
-                repr(math.fsum(finite_fg) / len(finite_fg)) if finite_fg else "nan",
-                " ".join(map(repr, means)),
-                " ".join(map(repr, fg)),
-            )
-        )
-    return rows
+
+    kind: Literal["missing", "damaged", "guidance"]
+    reason: str = ""
+
+    @property
+    def rewrite_image(self) -> bool:
+        """Whether the image file itself must be (re)written."""
+        return self.kind != "guidance"
 
 
-def assemble_guidance(out: Path, cell: str, groups: int) -> bool:
-    """Write the cell's guidance CSV from its per-group parts once all exist (idempotent); True when written."""
-    parts = [guidance_part_path(out, cell, g) for g in range(groups)]
-    if not all(p.is_file() for p in parts):
-        return False
-    lines = [p.read_text(encoding="utf-8").splitlines(keepends=True) for p in parts]
-    text = lines[0][0] + "".join(line for part in lines for line in part[1:])
-    target = guidance_path(out, cell)
-    if not target.is_file() or target.read_text(encoding="utf-8") != text:
-        io.atomic_write_text(target, text)
-    return True
-
-
-def read_guidance(out: Path, cell: str, image_ids: Sequence[int]) -> dict[int, float]:
-    """{image_id: effective scale} of a cell's guidance CSV; it must list exactly `image_ids`, in order."""
-    path = guidance_path(out, cell)
-    rows = io.read_table(path, {"image_id": int, "effective_scale": float})
-    found = [r["image_id"] for r in rows]
-    if found != list(image_ids):
-        raise ValueError(
-            f"{path} lists {len(found)} images, not the run's {len(image_ids)} (damaged? rerun the sweep)"
-        )
-    return {r["image_id"]: r["effective_scale"] for r in rows}
-
-
-def group_problems(plan: SweepPlan, work: GroupWork, tag: str) -> dict[Caption, str]:
+def group_problems(plan: SweepPlan, work: GroupWork, tag: str) -> dict[Caption, Unfinished]:
     """Images of a group that are not finished, with the reason (missing, truncated, other size, other settings…).
 
     A finished image decodes (every chunk intact), has the manifest's size and mode and carries this cell's settings
@@ -475,17 +457,31 @@ def group_problems(plan: SweepPlan, work: GroupWork, tag: str) -> dict[Caption, 
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            problems[caption] = "missing"
+            problems[caption] = Unfinished("missing")
             continue
+        except IsADirectoryError:
+            raise ValueError(f"{path} is a folder, where the sweep writes an image; move it away") from None
         problem = png_problem(data, size, {TAG_KEY: tag})
         if problem is not None:
-            problems[caption] = problem
+            problems[caption] = Unfinished("damaged", problem)
     if not problems and not guidance_part_path(plan.out, work.cell, work.index).is_file():
-        problems[work.captions[0]] = "guidance record missing"
+        problems[work.captions[0]] = Unfinished("guidance", "guidance record missing")
     return problems
 
 
-def _generate_group(plan: SweepPlan, pipe: Any, work: GroupWork, tag: str, problems: dict[Caption, str]) -> int:
+def _guidance_kwargs(pipe: Any, work: GroupWork) -> dict[str, Any]:
+    """The call keywords of the guidance scale w, as the pipeline's family names them: `guidance_scale`, or Flux's
+    `true_cfg_scale` with the empty negative prompt its true CFG needs."""
+    from goca_scfg.families import family_of
+
+    family = family_of(pipe)
+    kwargs: dict[str, Any] = {family.scale_keyword: work.scale}
+    if family.negative_prompt_required:
+        kwargs["negative_prompt"] = [""] * len(work.captions)
+    return kwargs
+
+
+def _generate_group(plan: SweepPlan, pipe: Any, work: GroupWork, tag: str, problems: dict[Caption, Unfinished]) -> int:
     """Run the whole group in one call; write only its unfinished images and its guidance part; count files written."""
     settings = plan.settings
     folder = plan.out / work.cell
@@ -502,31 +498,50 @@ def _generate_group(plan: SweepPlan, pipe: Any, work: GroupWork, tag: str, probl
         height=settings.height,
         width=settings.width,
         num_inference_steps=settings.steps,
-        guidance_scale=work.scale,
         generator=generators,
         output_type="pil",
+        **_guidance_kwargs(pipe, work),
         **work.method.pipeline_kwargs(),
     )
     written = 0
     for caption, image in zip(work.captions, out.images):
-        if problems.get(caption, "guidance record missing") != "guidance record missing":
+        if caption in problems and problems[caption].rewrite_image:
             io.atomic_write_bytes(folder / f"{caption.image_id}.png", _png_bytes(image, tag))
             written += 1
     iterations = len(pipe.scheduler.timesteps)  # e.g. PNDM runs steps + 1 iterations
     rows = guidance_rows(work.captions, work.scale, getattr(out, "rates", None), iterations)
-    part = guidance_part_path(plan.out, work.cell, work.index)
-    io.remove_partial_files(part.parent, {part.name})  # left by a process killed while writing it
-    io.atomic_write_text(part, io.csv_text(GUIDANCE_COLUMNS, rows))
+    write_guidance_part(plan.out, work.cell, work.index, rows)
     return written
 
 
-def _report_damaged(work: GroupWork, problems: dict[Caption, str]) -> int:
-    damaged = {c: p for c, p in problems.items() if p not in ("missing", "guidance record missing")}
+def _report_damaged(work: GroupWork, problems: dict[Caption, Unfinished]) -> int:
+    damaged = {c: p.reason for c, p in problems.items() if p.kind == "damaged"}
     if damaged:
         listed = ", ".join(f"{c.image_id}.png ({p})" for c, p in list(damaged.items())[:5])
         more = f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
         logger.warning("%s: regenerating %d unfinished image(s): %s%s", work.cell, len(damaged), listed, more)
     return len(damaged)
+
+
+def _say_waiting(work: GroupWork, claim: Path, timeout: float) -> None:
+    """Log which claim another live process holds and how long this sweep may wait for it."""
+    holder = io.claim_holder(claim)
+    if holder is None:
+        logger.info("%s group %d: claimed by another process; waiting for it (%s)", work.cell, work.index, claim)
+        return
+    left = max(0.0, timeout - holder.age)
+    logger.info(
+        "%s group %d is being generated by pid %s on %s (claimed %.0f s ago, %s); this sweep does its other work "
+        "and waits for it until it is released, at most %.0f s more (--claim-timeout %g)",
+        work.cell,
+        work.index,
+        holder.pid,
+        holder.host,
+        holder.age,
+        claim,
+        left,
+        timeout,
+    )
 
 
 def run_sweep(
@@ -540,12 +555,14 @@ def run_sweep(
     """Generate the unfinished images of the caption groups `shard` owns; the manifest must already exist.
 
     Each group is claimed (`io.try_claim`) while it runs, so concurrent sweeps on one folder split the work; groups
-    another live process holds are waited for and then re-checked. Damaged or foreign images are regenerated with
-    their whole group and named in the log.
+    another live process holds are waited for (each named once in the log, with how long the wait may last) and then
+    re-checked. Damaged or foreign images are regenerated with their whole group and named in the log.
     """
     settings = plan.settings
     if settings.height is None or settings.width is None:
         raise ValueError("resolve the image size first (resolve_settings)")
+    if not (math.isfinite(claim_timeout) and claim_timeout > 0):
+        raise ValueError(f"claim_timeout must be a finite number of seconds > 0, got {claim_timeout}")
     groups = caption_groups(plan.captions, plan.batch_size)
     owned = shard.select(tuple(range(len(groups))))
     queue = [
@@ -567,6 +584,7 @@ def run_sweep(
     bar.update(sum(len(w.captions) for w, done in zip(queue, finished) if done))
     queue = [w for w, done in zip(queue, finished) if not done]  # checked again under the claim
     generated = replaced = 0
+    announced: set[Path] = set()
     while queue:
         waiting = []
         for work in queue:
@@ -574,6 +592,9 @@ def run_sweep(
             claim = _claim_path(plan.out, work)
             if not io.try_claim(claim, claim_timeout):
                 waiting.append(work)  # another process runs this group now; re-check it when released
+                if claim not in announced:
+                    announced.add(claim)
+                    _say_waiting(work, claim, claim_timeout)
                 continue
             try:
                 problems = group_problems(plan, work, tag)
@@ -612,31 +633,34 @@ def _csv(cast: type) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of `python -m eval.sweep`; unset options come from `--preset`."""
-    p = argparse.ArgumentParser(prog="goca-scfg-sweep", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="goca-scfg-sweep", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (resumes if it exists)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="protocol defaults (default: paper)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"protocol defaults (default: {DEFAULT_PRESET})")
     p.add_argument("--model", help="hub id or local path; 'tiny-random' is the offline fixture")
     p.add_argument("--methods", type=_csv(str), help=f"comma list of {', '.join(METHOD_NAMES)}")
     p.add_argument("--scales", type=_csv(float), help="guidance scales, e.g. 2,3,5,7.5,10")
-    p.add_argument("--seeds", type=_csv(int), help="seeds, e.g. 42 or 0,1,2")
+    p.add_argument("--seeds", type=seed_list, help="seeds in 0 … 2**64 - 1, e.g. 42 or 0,1,2")
     p.add_argument("--captions", type=Path, help=f"image_id,text CSV (default: {DEFAULT_CAPTIONS.name}, COCO-30k)")
-    p.add_argument("--limit", type=int, help="first N captions (or a random N with --subset-seed)")
-    p.add_argument("--subset-seed", type=int, help="seed of a random caption subset of size --limit")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--limit", type=whole_number(1), help="first N captions (or a random N with --subset-seed)")
+    p.add_argument("--subset-seed", type=whole_number(0), help="seed of a random caption subset of size --limit")
+    p.add_argument("--steps", type=whole_number(1, MAX_STEPS), help=f"denoising steps, 1 … {MAX_STEPS}")
+    p.add_argument("--height", type=whole_number(8, MAX_SIZE), help=f"pixels, a multiple of 8 up to {MAX_SIZE}")
+    p.add_argument("--width", type=whole_number(8, MAX_SIZE), help=f"pixels, a multiple of 8 up to {MAX_SIZE}")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES)
     p.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES))
     p.add_argument("--seed-mode", choices=("same", "per-image"))
     p.add_argument("--generator-device", choices=("device", "cpu"))
     p.add_argument(
-        "--batch-size", type=int, help="prompts per pipeline call; decides pixels, fixed per --out (default 4)"
+        "--batch-size",
+        type=whole_number(1),
+        help="prompts per pipeline call; decides pixels, fixed per --out (default 4)",
     )
     p.add_argument(
         "--claim-timeout",
-        type=float,
+        type=positive_seconds,
         default=1800.0,
-        help="seconds after which another host's claim on a caption group counts as abandoned (default 1800)",
+        help="seconds after which a claim on a caption group counts as abandoned, also one of a live process "
+        "(default 1800); a claim of a process that died on this host is taken over at once",
     )
     p.add_argument("--shard", type=Shard.parse, default=Shard(), help="i/n: this job's part of the work")
     p.add_argument("--device", help="single-process device override (default: accelerate's choice)")
@@ -646,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_from_args(args: argparse.Namespace) -> SweepPlan:
     """A `SweepPlan` from parsed arguments, preset values filling what was not given."""
-    preset = PRESETS[args.preset]
+    preset = PRESETS[args.preset or DEFAULT_PRESET]
     overrides = {
         name: getattr(args, name)
         for name in ("model", "dtype", "scheduler", "steps", "height", "width", "seed_mode", "generator_device")
@@ -656,22 +680,85 @@ def plan_from_args(args: argparse.Namespace) -> SweepPlan:
     source = args.captions if args.captions is not None else DEFAULT_CAPTIONS
     if args.subset_seed is not None and args.limit is None:
         raise ValueError("--subset-seed needs --limit")
+    _check_out(args.out)
+    captions = load_captions(source)
+    if args.limit is not None and args.limit > len(captions):
+        raise ValueError(f"--limit {args.limit} exceeds the {len(captions)} captions of {source}")
     return SweepPlan(
         out=args.out,
         methods=tuple(get_method(name) for name in (args.methods or preset.methods)),
         scales=tuple(float(w) for w in (args.scales or preset.scales)),
         seeds=tuple(args.seeds or preset.seeds),
-        captions=select_captions(load_captions(source), args.limit, args.subset_seed),
+        captions=select_captions(captions, args.limit, args.subset_seed),
         source=CaptionSource(str(source), io.file_md5(source), args.limit, args.subset_seed),
         settings=settings,
         batch_size=args.batch_size if args.batch_size is not None else _recorded_batch_size(args.out),
     )
 
 
+def _check_out(out: Path) -> None:
+    """`--out` is a folder (or can become one) this process may write into."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (it is created, or resumed when it exists)")
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: no permission to write in {existing}")
+
+
 def _recorded_batch_size(out: Path) -> int:
     """The batch size an existing run in `out` used (so a plain resume keeps it), else the default 4."""
     path = out / MANIFEST
-    return int(io.read_json(path).get("batch_size", 4)) if path.is_file() else 4
+    if not path.is_file():
+        return 4
+    value = check_manifest(io.read_json(path), path).get("batch_size", 4)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path} records the batch size {value!r}, not a whole number >= 1 (damaged manifest?)")
+    return value
+
+
+def check_pipeline(plan: SweepPlan, pipe: Any, preset: str | None = None) -> None:
+    """Refuse, before anything is written, what the pipeline would refuse at its first call: a method its denoiser
+    cannot segment (S-CFG on a transformer), a size its attention grids do not divide, more steps than its schedule
+    has; and an explicit `--preset` of another model family than the model's."""
+    from goca_scfg.families import family_of
+
+    family = family_of(pipe)
+    owner = next(f for f in FAMILIES if any(p.name == (preset or DEFAULT_PRESET) for p in f.sweep_presets))
+    if owner.name != family.name:
+        mine = ", ".join(p.name for p in family.sweep_presets) or "none"
+        text = (
+            f"--preset {preset or DEFAULT_PRESET} is the {owner.title} protocol, but --model {plan.settings.model} "
+            f"is a {family.title} model (its presets: {mine})"
+        )
+        if preset is not None:
+            raise ValueError(text)
+        logger.warning("%s; the default preset's settings apply where no option is given", text)
+    train_steps = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if train_steps is not None and plan.settings.steps > train_steps:
+        raise ValueError(f"--steps {plan.settings.steps} exceeds the {train_steps} timesteps of the model's schedule")
+    segmenting = [m for m in plan.methods if m.segmentor is not None]
+    if segmenting:
+        from goca_scfg.layout import ModelLayout
+
+        height, width = plan.settings.height, plan.settings.width
+        try:
+            pipe.check_segmentation_size(height, width, ModelLayout.of(pipe.denoiser))
+        except ValueError as err:
+            names = ",".join(m.name for m in segmenting)
+            raise ValueError(f"--height/--width {height}x{width} with --methods {names}: {err}") from None
+    prompt = plan.captions[0].text
+    for method in segmenting:
+        try:
+            pipe.spatial_guidance(
+                method.segmentor,
+                prompt,
+                plan.settings.height,
+                plan.settings.width,
+                scfg_config=method.scfg_config,
+                goca_config=method.goca_config,
+            )
+        except ValueError as err:
+            raise ValueError(f"--methods {method.name}: {err}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -681,16 +768,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _sweep(args)
     except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
-        logger.debug("error details", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    """Run the sweep described by parsed arguments in this process (one of possibly several)."""
+    """Run the sweep described by parsed arguments in this process (one of possibly several).
+
+    Order: every argument check, the device, the pipeline and what it would refuse (`check_pipeline`), and only then
+    the first write (`prepare_output`): a refused sweep leaves nothing behind.
+    """
     from accelerate import PartialState
 
     plan = plan_from_args(args)
+    check_existing_run(plan)
+    if args.device is not None:
+        check_device("--device", args.device)
     # Without an accelerator, accelerate only recognises several launched processes when asked for the CPU.
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     state = PartialState(cpu=use_cpu)
@@ -701,6 +793,7 @@ def _sweep(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(plan.settings, dtype=resolve_dtype(plan.settings.dtype, device))
     pipe = load_sweep_pipeline(settings, device)
     plan = dataclasses.replace(plan, settings=resolve_settings(settings, pipe, device))
+    check_pipeline(plan, pipe, args.preset)
     prepare_output(plan, device, write=state.is_main_process)
     result = run_sweep(plan, pipe, shard, progress=not args.no_progress, claim_timeout=args.claim_timeout)
     state.wait_for_everyone()

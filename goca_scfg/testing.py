@@ -52,19 +52,26 @@ def sharpen_attention(denoiser: torch.nn.Module, cross: float = 6.0, self_: floa
 
 
 def _sharpen_joint(attn: torch.nn.Module, cross: float, self_: float) -> None:
-    """Joint attention: image keys := image queries (diagonal-dominant image logits, ×`self_`), queries and text keys
-    ×`cross`. Where per-head RMSNorms follow the projections (SD3.5, Flux) they undo a projection's scale, so the
-    norms' weights carry it (and RoPE, one rotation per position, keeps q·k of a position with itself)."""
+    """Joint attention: image keys := image queries (diagonal-dominant image logits) and queries and text keys scaled.
+
+    Without per-head norms, as `sharpen_attention` (queries and text keys ×`cross`, image keys `self_`·queries).
+    With per-head RMSNorms (SD3.5, Flux) the norms fix each head vector's size, and text and image keys compete in one
+    softmax: the norms' weights carry √`cross` (text logits ×`cross`) and the image keys get 2√`cross`/√d, so a
+    token's logit on itself is about twice the spread of its text logits, not hundreds above them (which would make
+    the model ignore its text). RoPE, one rotation per position, keeps q·k of a position with itself.
+    """
     attn.to_k.weight.copy_(attn.to_q.weight)
     if attn.to_k.bias is not None and attn.to_q.bias is not None:
         attn.to_k.bias.copy_(attn.to_q.bias)
     norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
     if norm_q is not None and getattr(norm_q, "weight", None) is not None:
-        norm_q.weight.mul_(cross)
-        norm_k.weight.copy_(norm_q.weight * self_ / cross)
+        s = cross**0.5
+        head = attn.to_q.out_features // attn.heads
+        norm_k.weight.copy_(norm_q.weight * 2 * s / head**0.5)
+        norm_q.weight.mul_(s)
         text = getattr(attn, "norm_added_k", None)
         if text is not None and getattr(text, "weight", None) is not None:
-            text.weight.mul_(cross)
+            text.weight.mul_(s)
         return
     attn.to_q.weight.mul_(cross)
     attn.to_k.weight.copy_(attn.to_q.weight * self_ / cross)

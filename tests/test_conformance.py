@@ -5,7 +5,9 @@ three ways: `segmentor=None` must give exactly what the stock diffusers pipeline
 (`torch.equal`), and `segmentor="goca"` / `"scfg"` must run the scenario with the right output shapes and one
 `SCFGStepMaps` / `SCFGStepRates` per denoising-loop iteration of the right shape.
 
-Adding a pipeline is one `Case(...)` line in `CASES` (plus the function that builds its dummy components). What a
+Adding a pipeline is one `Case(...)` line in `CASES` (plus the function that builds its dummy components, and where
+the pipeline differs from the Stable Diffusion ones, its hooks: how `encode_prompt` is called, the keyword of the CFG
+scale and a negative prompt CFG needs (Flux's true CFG), packed latents, its schedulers, its IP-Adapter). What a
 stock pipeline does not support (a segmentor, FreeU, `callback_on_step_end`, ...) its Case names in `not_applicable`
 with the reason, from the vocabulary in `CAPABILITIES`; those scenarios are skipped for it and say why.
 """
@@ -26,31 +28,42 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     LMSDiscreteScheduler,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
-from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+from diffusers.callbacks import SD3CFGCutoffCallback, SDCFGCutoffCallback, SDXLCFGCutoffCallback
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from goca_scfg import (
+    FluxSCFGPipeline,
     GoCAConfig,
     PixArtSigmaSCFGPipeline,
     SCFGStepMaps,
+    StableDiffusion3SCFGPipeline,
     StableDiffusionSCFGPipeline,
     StableDiffusionXLSCFGPipeline,
 )
 from goca_scfg.testing import (
     DIFFUSERS_TEST_UNET,
     clip_tokenizer,
+    sharpen_attention,
     sharpened,
     t5_tokenizer,
     tiny_pixart_components,
@@ -191,16 +204,181 @@ def pixart_two_block_components() -> dict[str, Any]:
     )
 
 
+def _flow_vae(latent_channels: int) -> AutoencoderKL:
+    """diffusers' SD3 and Flux fast-test VAE: one level (vae_scale_factor 1), no quant convs."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    ).eval()  # fmt: skip
+
+
+def _t5_encoder(tokenizer) -> T5EncoderModel:
+    """A T5 encoder of width 32 (hf-internal-testing/tiny-random-t5's, two layers) over the offline tokenizer."""
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, is_encoder_decoder=False
+    )
+    return T5EncoderModel(config).eval()
+
+
+def sd3_dummy_components() -> dict[str, Any]:
+    """diffusers' StableDiffusion3Pipeline fast-test components: one joint block (4 heads of 8, patch 1, sample size
+    32), two CLIP text encoders with projection (32, 5 layers) and a T5 encoder of width 32, the one-level VAE
+    (vae_scale_factor 1, 4 latent channels), flow-matching Euler; the attention sharpened as in `sd_dummy_components`.
+
+    With the real tokenizers (CLIP-L's; CLIP-G's, padding with "!" (id 0) as SDXL's second; the offline T5), and
+    CLIP towers 16 wide instead of 32: SD3 pads the concatenated CLIP features to T5's width with `F.pad`, which cuts
+    a wider concatenation (diffusers' 32 + 32 against T5's 32) to its first 32 features, silently dropping the
+    second encoder's. The pooled projections (32 + 32) still fill `pooled_projection_dim` 64."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    ).eval()  # fmt: skip
+    clip = dict(hidden_size=16, hidden_act="gelu", projection_dim=32)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(_clip_text_config(**clip)).eval()
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(**clip, pad_token_id=0)).eval()
+    tokenizer_3 = t5_tokenizer()
+    return sharpened(dict(
+        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        text_encoder_3=_t5_encoder(tokenizer_3), tokenizer=_tokenizer(), tokenizer_2=_tokenizer("!"),
+        tokenizer_3=tokenizer_3, transformer=transformer, vae=_flow_vae(4), image_encoder=None, feature_extractor=None,
+    ))  # fmt: skip
+
+
+def flux_dummy_components() -> dict[str, Any]:
+    """diffusers' FluxPipeline fast-test components: one double-stream and one single-stream block (2 heads of 16,
+    rope axes 4 + 4 + 8, no guidance embedding), a CLIP text encoder (its pooled output, 32) and a T5 encoder of
+    width 32, the one-level VAE with one latent channel (4 once packed 2x2; vae_scale_factor 1), flow-matching
+    Euler; with the real tokenizers (CLIP; the offline T5 as `tokenizer_2`).
+
+    The attention is sharpened as in `sd_dummy_components`, but less (`sharpen_attention` ×2 and ×3, not the
+    default ×6 and ×10): Flux's per-head RMSNorms pin |q|² at the head width, and at the default factors the image
+    queries' self logits exceed their text logits by hundreds, so the text keys' weights underflow to exactly 0
+    (the image stream then ignores the T5 tokens, and the segmentation is decided by rounding)."""
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    ).eval()  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_clip_text_config(hidden_act="gelu", projection_dim=32)).eval()
+    tokenizer_2 = t5_tokenizer()
+    return dict(
+        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder,
+        text_encoder_2=_t5_encoder(tokenizer_2), tokenizer=_tokenizer(), tokenizer_2=tokenizer_2,
+        transformer=sharpen_attention(transformer, cross=2.0, self_=3.0), vae=_flow_vae(1), image_encoder=None,
+        feature_extractor=None,
+    )  # fmt: skip
+
+
+FLUX_MAX_SEQUENCE_LENGTH = 48  # diffusers' Flux dummy inputs: T5 rows of 48 positions (the pipeline's default: 512)
+
+# ------------------------------------------------------------------------------ per-family call plumbing
+
+
+def encode_cfg_prompt(pipe, prompt, negative_prompt) -> tuple[torch.Tensor, ...]:
+    """`encode_prompt` of a pipeline whose CFG batches both branches: every embedding, in its order."""
+    params = inspect.signature(pipe.encode_prompt).parameters
+    more = {p: None for p in ("prompt_2", "prompt_3") if p in params}  # SD3 requires them (None: `prompt`)
+    return pipe.encode_prompt(
+        prompt=prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=negative_prompt, **more,
+    )  # fmt: skip
+
+
+def encode_flux_prompt(pipe, prompt, negative_prompt) -> tuple[torch.Tensor, ...]:
+    """Flux's `encode_prompt` encodes one branch: the prompt's and the negative prompt's embeddings and pooled
+    vectors (the text ids are the call's own)."""
+    embeds, pooled, _ = pipe.encode_prompt(prompt, device="cpu", max_sequence_length=FLUX_MAX_SEQUENCE_LENGTH)
+    negative, negative_pooled, _ = pipe.encode_prompt(
+        negative_prompt, device="cpu", max_sequence_length=FLUX_MAX_SEQUENCE_LENGTH
+    )
+    return embeds, pooled, negative, negative_pooled
+
+
+def unet_ip_adapter(pipe) -> dict[str, Any]:
+    """A random IP-Adapter on the UNet (`test_pipeline._attach_random_ip_adapter`); embeddings [negative; positive]."""
+    from test_pipeline import _attach_random_ip_adapter
+
+    _attach_random_ip_adapter(pipe.unet)
+    return dict(ip_adapter_image_embeds=[torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))])
+
+
+def sd3_ip_adapter(pipe) -> dict[str, Any]:
+    """A random SD3 IP-Adapter (the time-conditioned image projection, an IP joint processor per block) loaded
+    through `pipe.load_ip_adapter` without an image encoder; one embedding tensor [negative; positive] of width 16."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    config = pipe.transformer.config
+    inner = config.num_attention_heads * config.attention_head_dim
+    torch.manual_seed(0)
+    image_proj = IPAdapterTimeImageProjection(
+        embed_dim=16, output_dim=inner, hidden_dim=64, heads=1, num_queries=4, timestep_in_dim=32
+    )
+    ip = {}
+    for i in range(len(pipe.transformer.attn_processors)):
+        processor = SD3IPAdapterJointAttnProcessor2_0(inner, inner, config.attention_head_dim, timesteps_emb_dim=64)
+        ip.update({f"{i}.{k}": v for k, v in processor.state_dict().items()})
+    state = {"image_proj": image_proj.state_dict(), "ip_adapter": ip}
+    pipe.load_ip_adapter(state, image_encoder_folder=None, low_cpu_mem_usage=False)
+    pipe.set_ip_adapter_scale(1.0)
+    return dict(ip_adapter_image_embeds=torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1)))
+
+
+def flux_ip_adapter(pipe) -> dict[str, Any]:
+    """A random Flux IP-Adapter, as diffusers' `create_flux_ip_adapter_state_dict` builds it (an IP processor per
+    double-stream block, an image projection to 4 tokens), loaded through `pipe.load_ip_adapter` without an image
+    encoder; image embeddings for the cond and the uncond call (true CFG runs them apart)."""
+    from diffusers.models.embeddings import ImageProjection
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    config = pipe.transformer.config
+    torch.manual_seed(0)
+    ip = {}
+    double = [n for n in pipe.transformer.attn_processors if not n.startswith("single_")]
+    for i in range(len(double)):
+        sd = FluxIPAdapterAttnProcessor(
+            config.num_attention_heads * config.attention_head_dim, config.joint_attention_dim, scale=1.0
+        ).state_dict()
+        ip.update({f"{i}.{k}_ip.{p}": sd[f"{k}_ip.0.{p}"] for k in ("to_k", "to_v") for p in ("weight", "bias")})
+    proj = ImageProjection(
+        cross_attention_dim=config.joint_attention_dim, image_embed_dim=config.pooled_projection_dim,
+        num_image_text_embeds=4,
+    ).state_dict()  # fmt: skip
+    image_proj = {
+        "proj.weight": proj["image_embeds.weight"], "proj.bias": proj["image_embeds.bias"],
+        "norm.weight": proj["norm.weight"], "norm.bias": proj["norm.bias"],
+    }  # fmt: skip
+    state = {"image_proj": image_proj, "ip_adapter": ip}
+    pipe.load_ip_adapter(state, weight_name="", image_encoder_pretrained_model_name_or_path=None)
+    g = torch.Generator().manual_seed(1)
+    width = config.pooled_projection_dim
+    return dict(
+        ip_adapter_image_embeds=[torch.randn(1, 1, width, generator=g)],
+        negative_ip_adapter_image_embeds=[torch.randn(1, 1, width, generator=g)],
+    )
+
+
 # What a stock pipeline may lack. A Case lists those its stock pipeline lacks, with the reason, in `not_applicable`.
 CAPABILITIES = {
     "segmentor:scfg": "segmentor='scfg'",
     "step_end_callback": "callback_on_step_end and _callback_tensor_inputs",
+    "callback_guidance_scale": "a step-end callback changing the CFG scale (pipe._guidance_scale, read every step)",
     "cfg_cutoff_callback": "a diffusers CFG-cutoff PipelineCallback",
     "interrupt": "pipe._interrupt from a callback",
+    "legacy_callback": "the legacy callback/callback_steps",
     "attention_slicing": "enable_attention_slicing on the denoiser",
+    "default_attn_processor": "set_default_attn_processor on the denoiser",
     "freeu": "enable_freeu",
     "ip_adapter": "IP-Adapter image embeddings",
     "guidance_rescale": "guidance_rescale",
+    "custom_timesteps": "custom timesteps",
     "resolution_binning": "use_resolution_binning",
     "max_sequence_length": "max_sequence_length",
     "clean_caption": "clean_caption",
@@ -213,6 +391,8 @@ _CLIP_ONLY = {
 _PIXART_LACKS = {
     "segmentor:scfg": "S-CFG defines no DiT segmentation; it raises (test_unsupported_segmentors_raise)",
     "step_end_callback": "PixArtSigmaPipeline has no callback_on_step_end (only the legacy callback/callback_steps)",
+    "callback_guidance_scale": "PixArtSigmaPipeline has no callback_on_step_end, and its loop reads the call's "
+    "guidance_scale, not pipe._guidance_scale",
     "cfg_cutoff_callback": "diffusers.callbacks has no PixArt CFG-cutoff callback (nor PixArt callback_on_step_end)",
     "interrupt": "PixArtSigmaPipeline's loop has no _interrupt check",
     "attention_slicing": "PixArtTransformer2DModel has no set_attention_slice (enable_attention_slicing: a no-op)",
@@ -220,6 +400,60 @@ _PIXART_LACKS = {
     "ip_adapter": "PixArtSigmaPipeline has no IP-Adapter loader",
     "guidance_rescale": "PixArtSigmaPipeline has no guidance_rescale",
 }
+
+
+def _mmdit_lacks(pipeline: str, transformer: str) -> dict[str, str]:
+    """What the stock SD3 and Flux pipelines (MMDiTs, flow matching) both lack."""
+    return {
+        "segmentor:scfg": "S-CFG defines no joint-attention segmentation; it raises "
+        "(test_unsupported_segmentors_raise)",
+        "legacy_callback": f"{pipeline} has no callback/callback_steps (only callback_on_step_end)",
+        "attention_slicing": f"{transformer} has no set_attention_slice (enable_attention_slicing: a no-op)",
+        "default_attn_processor": f"{transformer} has no set_default_attn_processor",
+        "freeu": f"FreeU scales UNet up-blocks; {pipeline} has no enable_freeu",
+        "guidance_rescale": f"{pipeline} has no guidance_rescale",
+        "custom_timesteps": f"{pipeline} takes custom sigmas only, no timesteps (test_custom_sigmas)",
+        "resolution_binning": f"{pipeline} has no use_resolution_binning",
+        "clean_caption": f"{pipeline} has no clean_caption (prompts reach the tokenizers as given)",
+    }
+
+
+_SD3_LACKS = _mmdit_lacks("StableDiffusion3Pipeline", "SD3Transformer2DModel")
+_FLUX_LACKS = {
+    **_mmdit_lacks("FluxPipeline", "FluxTransformer2DModel"),
+    "callback_guidance_scale": "FluxPipeline's CFG scale is the call's true_cfg_scale, a local no callback reaches "
+    "(pipe._guidance_scale is the embedded guidance, read once before the loop)",
+    "cfg_cutoff_callback": "diffusers.callbacks has no Flux CFG-cutoff callback",
+}
+
+# Schedulers a case is run with (`Case.schedulers`, test_schedulers): (class, config changes)
+SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+}
+_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+# Flow matching (SD3, Flux). Not the stochastic ones (FlowMatchEuler's stochastic_sampling, FlowMatchLCM): these
+# pipelines pass no generator to `scheduler.step`, so they draw from the global RNG and no two runs are equal.
+# Dynamic shifting: the shift from `mu` (the image's token count), which FluxPipeline always passes (DPM-Solver++
+# and DEIS assert dynamic shifting when given one).
+FLOW_SCHEDULERS = {
+    "flow-euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "flow-euler-dynamic": (FlowMatchEulerDiscreteScheduler, {"use_dynamic_shifting": True}),
+    "flow-heun": (FlowMatchHeunDiscreteScheduler, {}),
+    "unipc-flow": (UniPCMultistepScheduler, _FLOW),
+    "dpm++-flow": (
+        DPMSolverMultistepScheduler,
+        {**_FLOW, "use_dynamic_shifting": True, "algorithm_type": "dpmsolver++"},
+    ),
+    "deis-flow": (DEISMultistepScheduler, {**_FLOW, "use_dynamic_shifting": True}),
+}
+ALL_SCHEDULERS = {**SCHEDULERS, **FLOW_SCHEDULERS}
+# FluxPipeline passes its own sigmas to `set_timesteps`; FlowMatchHeun's takes none (the stock pipeline raises).
+_FLUX_SCHEDULERS = tuple(s for s in FLOW_SCHEDULERS if s != "flow-heun")
 
 
 @dataclass(frozen=True)
@@ -233,19 +467,35 @@ class Case:
     guidance_scale: float
     # the diffusers callback that switches CFG off after a step (a `PipelineCallback`), if diffusers has one
     cfg_cutoff: type | None
-    # names of what `encode_prompt` returns, in order, as `__call__` keywords
+    # names of what `encode` returns, in order, as `__call__` keywords
     embeds: tuple[str, ...] = ("prompt_embeds", "negative_prompt_embeds")
+    # (pipe, prompt, negative_prompt) -> the prompt's and the negative prompt's embeddings, as `embeds` names them
+    encode: Callable[..., tuple[torch.Tensor, ...]] = encode_cfg_prompt
+    # the `__call__` keyword that sets the CFG scale (Flux: true_cfg_scale; its guidance_scale is the embedded one)
+    cfg_keyword: str = "guidance_scale"
+    # where CFG needs a negative prompt (Flux's true CFG), the one every call with a prompt gets (one per prompt)
+    negative_prompt: str | None = None
     size: int = 32  # px: latents 16x16 with the 2-level dummy VAE
     extra: dict[str, Any] = field(default_factory=dict)  # call keywords every scenario passes to this pipeline
-    # the maps' token rows: what the tokenizer puts first, what ends a truncated prompt, and the `__call__` keyword
-    # that sets the row length (None: the tokenizer's `model_max_length`)
+    # the maps' token rows: the pipeline attribute of the tokenizer that names them, what it puts first, what ends a
+    # truncated prompt, and the `__call__` keyword that sets the row length (None: the tokenizer's model_max_length)
+    tokenizer: str = "tokenizer"
     bos: tuple[str, ...] = ("<|startoftext|>",)
     eos: str = "<|endoftext|>"
     sequence_length: str | None = None
+    packed_latents: bool = False  # Flux: latents are 2x2 patches packed into tokens, (B, h/2 * w/2, 4 * channels)
+    # why the native size (height=width=None) is not segmented, if it is not
+    native_unsegmented: str | None = None
+    schedulers: tuple[str, ...] = tuple(SCHEDULERS)  # names in ALL_SCHEDULERS
+    custom_sigmas: tuple[str, tuple[float, ...]] = ("euler", (14.6, 2.0))  # (scheduler, sigmas) of test_custom_sigmas
+    # attaches a random IP-Adapter to the pipeline's denoiser; returns the call keywords that feed it
+    ip_adapter: Callable[[Any], dict[str, Any]] | None = None
     not_applicable: dict[str, str] = field(default_factory=dict)  # capability (`CAPABILITIES`) -> why
 
     def __post_init__(self):
         assert self.not_applicable.keys() <= CAPABILITIES.keys(), self.not_applicable.keys() - CAPABILITIES.keys()
+        assert set(self.schedulers) <= ALL_SCHEDULERS.keys() and self.custom_sigmas[0] in self.schedulers
+        assert (self.ip_adapter is None) == ("ip_adapter" in self.not_applicable)
 
     @property
     def segmentors(self) -> tuple[str, ...]:
@@ -253,18 +503,35 @@ class Case:
         return tuple(s for s in SEGMENTORS if s is not None and f"segmentor:{s}" not in self.not_applicable)
 
 
+_POOLED_EMBEDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 CASES = [
     Case("sd", StableDiffusionSCFGPipeline, StableDiffusionPipeline, sd_dummy_components, 6.0, SDCFGCutoffCallback,
-         not_applicable=_CLIP_ONLY),
+         ip_adapter=unet_ip_adapter, not_applicable=_CLIP_ONLY),
     Case("sdxl", StableDiffusionXLSCFGPipeline, StableDiffusionXLPipeline, sdxl_dummy_components, 5.0,
-         SDXLCFGCutoffCallback,
-         embeds=("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
-         not_applicable=_CLIP_ONLY),
+         SDXLCFGCutoffCallback, embeds=_POOLED_EMBEDS, ip_adapter=unet_ip_adapter, not_applicable=_CLIP_ONLY),
     Case("pixart", PixArtSigmaSCFGPipeline, PixArtSigmaPipeline, pixart_dummy_components, 5.0, None,
          embeds=("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"),
          size=64,  # latents 8x8 with the 4-level VAE
          extra=dict(use_resolution_binning=False, clean_caption=False),  # as diffusers' own PixArt tests; both tested
          bos=(), eos="</s>", sequence_length="max_sequence_length", not_applicable=_PIXART_LACKS),
+    # The maps name the CLIP tokens of `prompt` (77 rows); max_sequence_length sets the T5 part of the context only.
+    Case("sd3", StableDiffusion3SCFGPipeline, StableDiffusion3Pipeline, sd3_dummy_components, 5.0,
+         SD3CFGCutoffCallback, embeds=_POOLED_EMBEDS,
+         size=16,  # latents 16x16 with the one-level VAE: 256 image tokens (patch 1)
+         schedulers=tuple(FLOW_SCHEDULERS), custom_sigmas=("flow-euler", (1.0, 0.5)), ip_adapter=sd3_ip_adapter,
+         not_applicable=_SD3_LACKS),
+    # True CFG: true_cfg_scale and a negative prompt (a list, one per prompt: stock Flux fails on one string for a
+    # list of prompts). The maps name the T5 tokens (`tokenizer_2`), rows of max_sequence_length.
+    Case("flux", FluxSCFGPipeline, FluxPipeline, flux_dummy_components, 4.0, None,
+         embeds=("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"),
+         encode=encode_flux_prompt, cfg_keyword="true_cfg_scale", negative_prompt="",
+         size=8,  # latents 8x8 with the one-level VAE: 16 packed image tokens (diffusers' own Flux inputs)
+         extra=dict(max_sequence_length=FLUX_MAX_SEQUENCE_LENGTH), tokenizer="tokenizer_2", bos=(), eos="</s>",
+         sequence_length="max_sequence_length", packed_latents=True,
+         native_unsegmented="FluxPipeline's native size is 128 latents whatever the model (1024 px at scale 8): "
+         "4096 image tokens, tens of seconds to segment on a CPU; the other scenarios segment Flux at their sizes",
+         schedulers=_FLUX_SCHEDULERS, custom_sigmas=("flow-euler", (1.0, 0.5)), ip_adapter=flux_ip_adapter,
+         not_applicable=_FLUX_LACKS),
 ]  # fmt: skip
 
 
@@ -306,13 +573,41 @@ class Harness:
             pytest.skip(f"{CAPABILITIES[capability]} not applicable to {self.case.name}: "
                         f"{self.case.not_applicable[capability]}")  # fmt: skip
 
+    @property
+    def tokenizer(self):
+        """The tokenizer whose tokens name the maps' regions (Flux: T5's, `tokenizer_2`)."""
+        return getattr(self.pipe, self.case.tokenizer)
+
     def token_row_length(self, kw: dict[str, Any]) -> int:
         """Entries per token row of the maps: the call's sequence length (its default if not given) or the
         tokenizer's `model_max_length`."""
         name = self.case.sequence_length
         if name is None:
-            return self.pipe.tokenizer.model_max_length
+            return self.tokenizer.model_max_length
         return kw.get(name, inspect.signature(self.case.pipeline.__call__).parameters[name].default)
+
+    def native_size(self) -> int:
+        """The image size (px) the pipelines generate when no height/width is given."""
+        sample = getattr(self.pipe, "default_sample_size", None) or self.pipe.denoiser.config.sample_size
+        return sample * self.pipe.vae_scale_factor
+
+    def initial_latents(self, height: int, width: int, seed: int) -> torch.Tensor:
+        """One image's initial noise as `prepare_latents` draws it from a generator seeded `seed` (Flux draws the
+        (1, C, h, w) latents, then packs them)."""
+        generator = torch.Generator().manual_seed(seed)
+        if not self.case.packed_latents:
+            return torch.randn(self.latent_shape(1, height, width), generator=generator)
+        f, channels = self.pipe.vae_scale_factor, self.pipe.vae.config.latent_channels
+        h, w = 2 * (height // (2 * f)), 2 * (width // (2 * f))
+        return self.pipe._pack_latents(torch.randn(1, channels, h, w, generator=generator), 1, channels, h, w)
+
+    def latent_shape(self, n: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape of `n` images' latents (`output_type="latent"`, `latents=`): (n, C, h, w), or Flux's packed
+        tokens (n, h/2 * w/2, 4C); h, w = height, width over the VAE scale."""
+        f, channels = self.pipe.vae_scale_factor, self.pipe.vae.config.latent_channels
+        if self.case.packed_latents:
+            return (n, (height // (2 * f)) * (width // (2 * f)), 4 * channels)
+        return (n, channels, height // f, width // f)
 
     def denoiser(self, pipe) -> torch.nn.Module:
         """The UNet or transformer of either pipeline (ours or stock)."""
@@ -337,17 +632,21 @@ class Harness:
         return self.ours(components), self.plain(components)
 
     def inputs(self, prompt=PROMPT, seeds=(0,), **over) -> dict[str, Any]:
-        """diffusers-style dummy inputs with freshly seeded generators (one per image)."""
+        """diffusers-style dummy inputs with freshly seeded generators (one per image): the CFG scale under the case's
+        keyword, and where CFG needs a negative prompt, the case's for every prompt (unless `over` names one)."""
         kw = dict(
             prompt=prompt,
             num_inference_steps=2,
-            guidance_scale=self.case.guidance_scale,
             height=self.case.size,
             width=self.case.size,
             output_type="pt",
+            **{self.case.cfg_keyword: self.case.guidance_scale},
             **self.case.extra,
         )
         kw.update(over)
+        negative, prompt = self.case.negative_prompt, kw["prompt"]
+        if negative is not None and prompt is not None and "negative_prompt" not in over:
+            kw["negative_prompt"] = negative if isinstance(prompt, str) else [negative] * len(prompt)
         if seeds is not None:
             kw["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
         return kw
@@ -368,8 +667,8 @@ class Harness:
             else:
                 assert out.maps is None and out.rates is None
         else:
-            native = pipe.denoiser.config.sample_size  # the latent size when no height/width is given
-            hw = latent_hw or tuple(kw[k] // pipe.vae_scale_factor if kw[k] else native for k in ("height", "width"))
+            size = {k: kw[k] or self.native_size() for k in ("height", "width")}  # no size: the native one
+            hw = latent_hw or tuple(size[k] // pipe.vae_scale_factor for k in ("height", "width"))
             maps = out[-1] if isinstance(out, tuple) else out.maps
             check_maps(pipe, maps, _count(_images(out)), hw, self.token_row_length(kw), steps,
                        has_tokens=kw.get("prompt") is not None or kw.get("caption") is not None)  # fmt: skip
@@ -438,7 +737,7 @@ def test_output_types(h, segmentor):
     pt, np_, pil, latent = (outs[t].images for t in ("pt", "np", "pil", "latent"))
     s = h.case.size
     assert pt.shape == (1, 3, s, s) and np_.shape == (1, s, s, 3) and isinstance(pil[0], Image.Image)
-    assert latent.shape == (1, 4, s // h.pipe.vae_scale_factor, s // h.pipe.vae_scale_factor)
+    assert latent.shape == h.latent_shape(1, s, s)
     assert torch.equal(pt.permute(0, 2, 3, 1), torch.from_numpy(np_))
     assert np.abs(np.asarray(pil[0], dtype=np.float32) - (np_[0] * 255).round()).max() <= 1
     if segmentor is not None:  # the maps do not depend on how the result is decoded; the segmentation acted
@@ -504,25 +803,28 @@ def test_num_images_per_prompt(h, segmentor):
         )
         assert out.images.shape[0] == n_prompts * per_prompt
         if segmentor is not None:  # one token row per image, each prompt's images together
-            want = [[*h.case.bos, *h.pipe.tokenizer.tokenize(p)] for p in PROMPTS[:n_prompts]]
+            want = [[*h.case.bos, *h.tokenizer.tokenize(p)] for p in PROMPTS[:n_prompts]]
             want = [row for row in want for _ in range(per_prompt)]
             assert [t[: len(w)] for t, w in zip(out.maps[0].tokens, want)] == want
 
 
 @segmentors
-def test_height_width_and_given_latents(h, segmentor):
-    """No size: the UNet's native one; a non-square size; `latents` given instead of drawn from the generator."""
-    native = h.pipe.denoiser.config.sample_size
+def test_native_size(h, segmentor):
+    """No size: the denoiser's native one."""
+    if segmentor is not None and h.case.native_unsegmented:
+        pytest.skip(f"segmenting at the native size not run for {h.case.name}: {h.case.native_unsegmented}")
+    native = h.native_size()
     out = h.run(segmentor, height=None, width=None, output_type="latent")
-    assert out.images.shape[-2:] == (native, native) and native * h.pipe.vae_scale_factor > h.case.size
+    assert out.images.shape == h.latent_shape(1, native, native) and native > h.case.size
+
+
+@segmentors
+def test_height_width_and_given_latents(h, segmentor):
+    """A non-square size; `latents` given instead of drawn from the generator."""
     size = dict(height=h.case.size, width=h.case.size * 3 // 2)
     drawn = h.run(segmentor, **size, output_type="latent")
-    assert drawn.images.shape[-2:] == (
-        size["height"] // h.pipe.vae_scale_factor,
-        size["width"] // h.pipe.vae_scale_factor,
-    )
-    shape = (1, 4, size["height"] // h.pipe.vae_scale_factor, size["width"] // h.pipe.vae_scale_factor)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert drawn.images.shape == h.latent_shape(1, size["height"], size["width"])
+    latents = h.initial_latents(size["height"], size["width"], seed=0)
     given = h.run(segmentor, **size, latents=latents, seeds=None, output_type="latent")
     assert torch.equal(given.images, drawn.images)
 
@@ -631,6 +933,7 @@ def test_callback_tensor_inputs(h, segmentor):
 def test_callback_changes_guidance_scale(h, segmentor):
     """A callback raising `_guidance_scale` by 1 each step: the pipeline reads the new scale at every step."""
     h.require("step_end_callback")
+    h.require("callback_guidance_scale")
 
     def louder(pipe, i, t, kwargs):
         pipe._guidance_scale += 1.0
@@ -686,6 +989,7 @@ def test_attention_slicing(h, segmentor):
 @segmentors
 def test_default_attention_processor(h, segmentor):
     """The plain attention processor (`AttnProcessor`, as diffusers' own tests set): the same guidance."""
+    h.require("default_attn_processor")
     ours, stock = h.fresh()
     base = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
     h.denoiser(ours).set_default_attn_processor()  # the stock pipeline shares the denoiser
@@ -727,7 +1031,10 @@ def test_fused_qkv_projections(h, segmentor):
     # the pipeline's switch where it has one (UNet and VAE), else the denoiser's, as diffusers' own PixArt test does
     fusing = ours if hasattr(ours, "fuse_qkv_projections") else h.denoiser(ours)
     fusing.fuse_qkv_projections()
-    assert any("Fused" in type(p).__name__ for p in h.denoiser(ours).attn_processors.values())
+    denoiser = h.denoiser(ours)  # fused processors (UNet, PixArt, SD3), or fused modules (Flux's processor reads it)
+    assert any("Fused" in type(p).__name__ for p in denoiser.attn_processors.values()) or any(
+        getattr(m, "fused_projections", False) for m in denoiser.modules()
+    )
     fused = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
     fusing.unfuse_qkv_projections()
     unfused = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
@@ -735,45 +1042,45 @@ def test_fused_qkv_projections(h, segmentor):
     assert torch.equal(unfused.images, base.images)
 
 
-SCHEDULERS = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-}
-
-
 def _with_scheduler(h, name):
-    cls, over = SCHEDULERS[name]
+    cls, over = ALL_SCHEDULERS[name]
     scheduler = cls.from_config(h.components["scheduler"].config, **over)
     return h.ours(scheduler=scheduler), h.plain(scheduler=copy.deepcopy(scheduler))
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", list(ALL_SCHEDULERS))
 @segmentors
 def test_schedulers(h, segmentor, scheduler):
+    """Each scheduler of the model's kind (ε-prediction or flow matching) that the stock pipeline runs with."""
+    if scheduler not in h.case.schedulers:
+        pytest.skip(f"scheduler {scheduler!r} not applicable to {h.case.name}: its schedulers are {h.case.schedulers}")
     ours, stock = _with_scheduler(h, scheduler)
     out = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
-    assert out.images.shape == (1, 4, h.case.size // ours.vae_scale_factor, h.case.size // ours.vae_scale_factor)
+    assert out.images.shape == h.latent_shape(1, h.case.size, h.case.size)
     assert torch.isfinite(out.images).all()
 
 
 @segmentors
-def test_custom_timesteps_and_sigmas(h, segmentor):
+def test_custom_timesteps(h, segmentor):
+    h.require("custom_timesteps")
     ours, stock = _with_scheduler(h, "euler")
     out = h.run(segmentor, pipe=ours, stock=stock, timesteps=[999, 499], output_type="latent")
     assert ours.scheduler.timesteps.tolist() == [999, 499]
     if segmentor is not None:
         assert [m.timestep for m in out.maps] == [999, 499]
-    h.run(segmentor, pipe=ours, stock=stock, sigmas=[14.6, 2.0], output_type="latent")
-    assert ours.scheduler.sigmas.tolist()[:2] == pytest.approx([14.6, 2.0])
     ours, stock = _with_scheduler(h, "ddim")  # no custom timesteps: the same error as the stock pipeline's
     with pytest.raises(ValueError, match="does not support custom timestep"):
         stock(**h.inputs(timesteps=[999, 499]))
     with pytest.raises(ValueError, match="does not support custom timestep"):
         ours(**h.inputs(timesteps=[999, 499]), segmentor=segmentor)
+
+
+@segmentors
+def test_custom_sigmas(h, segmentor):
+    name, sigmas = h.case.custom_sigmas
+    ours, stock = _with_scheduler(h, name)
+    h.run(segmentor, pipe=ours, stock=stock, sigmas=list(sigmas), output_type="latent")  # maps: at its timesteps
+    assert ours.scheduler.sigmas.tolist()[: len(sigmas)] == pytest.approx(sigmas)
 
 
 @segmentors
@@ -783,10 +1090,7 @@ def test_prompt_embeds(h, segmentor):
     and only the segmentors this pipeline has."""
     negative = ["blurry", "dark"]
     with torch.no_grad():  # as in `__call__` (T5 rounds differently with autograd on)
-        embeds = h.pipe.encode_prompt(
-            prompt=PROMPTS[:2], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
-            negative_prompt=negative,
-        )  # fmt: skip
+        embeds = h.case.encode(h.pipe, PROMPTS[:2], negative)
     embeds = dict(zip(h.case.embeds, embeds), negative_prompt=None)  # PixArt's default is "", not None
     if segmentor == "goca":
         with pytest.raises(ValueError, match="pass caption=") as err:
@@ -807,13 +1111,9 @@ def test_prompt_embeds(h, segmentor):
 def test_ip_adapter(h, segmentor):
     """A random IP-Adapter loaded through diffusers' loader acts (scale 1) and is inert at scale 0."""
     h.require("ip_adapter")
-    from test_pipeline import _attach_random_ip_adapter
-
     ours, stock = h.fresh()
     base = h.run(segmentor, pipe=ours, stock=stock, output_type="latent")
-    _attach_random_ip_adapter(ours.unet)
-    image_embeds = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))]  # [negative; positive]
-    kw = dict(output_type="latent", ip_adapter_image_embeds=image_embeds)
+    kw = dict(output_type="latent", **h.case.ip_adapter(ours))  # the stock pipeline shares the denoiser
     with_ip = h.run(segmentor, pipe=ours, stock=stock, **kw)
     ours.set_ip_adapter_scale(0.0)
     inert = h.run(segmentor, pipe=ours, stock=stock, **kw)
@@ -831,10 +1131,13 @@ def test_guidance_rescale(h, segmentor):
 
 @pytest.mark.parametrize("segmentor", ["goca", "scfg"])
 def test_no_cfg_segments_nothing(h, segmentor):
-    """guidance_scale <= 1: no CFG, so nothing to segment; the stock pipeline's output and no maps."""
-    out = h.pipe(**h.inputs(guidance_scale=1.0), segmentor=segmentor, return_maps=True)
-    assert_same_images(out.images, h.stock(**h.inputs(guidance_scale=1.0)).images)
-    assert out.maps == [] and out.rates is None
+    """No CFG (scale <= 1; where CFG needs a negative prompt, none either): nothing to segment; the stock pipeline's
+    output and no maps."""
+    offs = [{h.case.cfg_keyword: 1.0}] + ([{"negative_prompt": None}] if h.case.negative_prompt is not None else [])
+    for off in offs:
+        out = h.pipe(**h.inputs(**off), segmentor=segmentor, return_maps=True)
+        assert_same_images(out.images, h.stock(**h.inputs(**off)).images)
+        assert out.maps == [] and out.rates is None, off
 
 
 # ------------------------------------------------------------------------------ scenarios of some pipelines only
@@ -861,15 +1164,19 @@ class _Calls:
 def _stock_supports(h, capability: str) -> bool:
     """Whether the stock diffusers pipeline has `capability`, read off its class, `__call__` and denoiser."""
     stock = h.case.stock
-    params = inspect.signature(stock.__call__).parameters
+    params, source = inspect.signature(stock.__call__).parameters, inspect.getsource(stock.__call__)
     return {
         "step_end_callback": "callback_on_step_end" in params and hasattr(stock, "_callback_tensor_inputs"),
+        "callback_guidance_scale": "callback_on_step_end" in params and "+ self.guidance_scale * (" in source,
         "cfg_cutoff_callback": h.case.cfg_cutoff is not None,
-        "interrupt": "self.interrupt" in inspect.getsource(stock.__call__),
+        "interrupt": "self.interrupt" in source,
+        "legacy_callback": "callback_steps" in params or 'kwargs.pop("callback_steps"' in source,  # SD: deprecated
         "attention_slicing": hasattr(h.denoiser(h.stock), "set_attention_slice"),
+        "default_attn_processor": hasattr(h.denoiser(h.stock), "set_default_attn_processor"),
         "freeu": hasattr(stock, "enable_freeu"),
         "ip_adapter": hasattr(stock, "load_ip_adapter") and "ip_adapter_image_embeds" in params,
         "guidance_rescale": "guidance_rescale" in params,
+        "custom_timesteps": "timesteps" in params,
         "resolution_binning": "use_resolution_binning" in params,
         "max_sequence_length": "max_sequence_length" in params,
         "clean_caption": "clean_caption" in params,
@@ -940,17 +1247,21 @@ def test_resolution_binning(h, segmentor):
 
 @segmentors
 def test_max_sequence_length(h, segmentor):
-    """`max_sequence_length` truncates the prompt (the encoder's `</s>` last) and sets the token rows' length (its
-    default, 300, as well: this prompt has 300 pieces)."""
+    """`max_sequence_length` truncates the prompt for the T5 encoder (its `</s>` last). Where T5's tokens name the
+    regions it sets the token rows' length (the harness's default as well: PixArt's 300, Flux's 48; the long
+    prompt has 300 pieces); SD3's maps keep the 77 CLIP tokens."""
     h.require("max_sequence_length")
     long = 100 * "very long "
     short = h.run(segmentor, prompt=[PROMPT, long], seeds=(0, 1), max_sequence_length=16, output_type="latent")
     default = h.run(segmentor, prompt=[PROMPT, long], seeds=(0, 1), output_type="latent")
     assert not torch.equal(short.images[1], default.images[1])
-    if segmentor is not None:
-        words = h.pipe.tokenizer.tokenize(long)
+    if segmentor is not None and h.case.sequence_length is None:
+        assert short.maps[0].tokens == default.maps[0].tokens
+        assert [len(t) for t in default.maps[0].tokens] == [h.token_row_length({})] * 2
+    elif segmentor is not None:
+        words, length = h.tokenizer.tokenize(long), h.token_row_length(h.inputs())
         assert short.maps[0].tokens[1] == [*words[:15], h.case.eos]
-        assert len(words) >= 300 and default.maps[0].tokens[1] == [*words[:299], h.case.eos]
+        assert len(words) >= length and default.maps[0].tokens[1] == [*words[: length - 1], h.case.eos]
 
 
 @segmentors
@@ -977,6 +1288,7 @@ def test_clean_caption(h, segmentor):
 def test_legacy_callback(h, segmentor):
     """The older `callback(step, t, latents)` every `callback_steps` steps (PixArt's only callback; deprecated in
     the Stable Diffusion pipelines): the same calls as the stock pipeline's, the last one with the output."""
+    h.require("legacy_callback")
     calls = []
 
     def record(step, t, latents):

@@ -88,9 +88,9 @@ def test_plot_is_a_valid_png(tmp_path):
     rows = [(m, w, 0, 5, fid, clip, "") for m, values in PAPER.items() for w, (fid, clip) in zip(SCALES, values)]
     _write_scores(tmp_path / "scores.csv", rows)
     paths = report.build_report(tmp_path / "scores.csv", tmp_path)
-    with Image.open(paths["plot"]) as image:
+    with Image.open(paths["fid_clip"]) as image:
         image.verify()
-    with Image.open(paths["plot"]) as image:
+    with Image.open(paths["fid_clip"]) as image:
         assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
 
 
