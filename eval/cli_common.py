@@ -9,30 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 from collections.abc import Callable
 
 from goca_scfg.checks import MAX_SEED
+from goca_scfg.cli import USAGE_ERROR, say_error  # one error line for every CLI
+from goca_scfg.cli import OneLineParser as OneLineParser  # re-exported for the eval CLIs
 
 logger = logging.getLogger(__name__)
 
-USAGE_ERROR = 2
 SEED_MAX = MAX_SEED  # torch.Generator.manual_seed takes unsigned 64-bit seeds, as `goca-scfg generate --seed`
-
-
-def say_error(message: object) -> None:
-    """Print `error: message` as one line (newlines folded), whatever the terminal's encoding can show."""
-    line = " ".join(f"error: {message}".split())
-    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
-    print(line.encode(encoding, "backslashreplace").decode(encoding), file=sys.stderr)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with usage errors as one line `error: …` (exit 2) instead of the usage block; subcommands too."""
-
-    def error(self, message: str):
-        say_error(f"{message} (see `{self.prog} --help`)")
-        raise SystemExit(USAGE_ERROR)
 
 
 def report_error(err: BaseException) -> int:

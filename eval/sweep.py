@@ -474,11 +474,7 @@ def _guidance_kwargs(pipe: Any, work: GroupWork) -> dict[str, Any]:
     `true_cfg_scale` with the empty negative prompt its true CFG needs."""
     from goca_scfg.families import family_of
 
-    family = family_of(pipe)
-    kwargs: dict[str, Any] = {family.scale_keyword: work.scale}
-    if family.negative_prompt_required:
-        kwargs["negative_prompt"] = [""] * len(work.captions)
-    return kwargs
+    return family_of(pipe).guidance_kwargs(work.scale, len(work.captions))
 
 
 def _generate_group(plan: SweepPlan, pipe: Any, work: GroupWork, tag: str, problems: dict[Caption, Unfinished]) -> int:

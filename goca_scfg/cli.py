@@ -36,18 +36,18 @@ class CLIError(Exception):
     """A problem with the user's input: reported as one line, exit status 2."""
 
 
-def _say_error(message: str) -> None:
+def say_error(message: str) -> None:
     """Print `error: message` as one line, whatever the terminal's encoding can show."""
     line = " ".join(f"error: {message}".split())
     encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
     print(line.encode(encoding, "backslashreplace").decode(encoding), file=sys.stderr)
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, with usage errors as one line `error: …` (exit 2) instead of the usage block."""
 
     def error(self, message: str):
-        _say_error(f"{message} (see `{self.prog} --help`)")
+        say_error(f"{message} (see `{self.prog} --help`)")
         raise SystemExit(USAGE_ERROR)
 
 
@@ -90,9 +90,9 @@ def _titles() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="goca-scfg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="goca-scfg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     gen = sub.add_parser("generate", help="generate one image", description="Generate one image.")
     gen.add_argument(
         "--model",
@@ -439,14 +439,14 @@ def main(argv: list[str] | None = None) -> None:
     except CLIError as err:
         if args.debug:
             raise
-        _say_error(str(err))
+        say_error(str(err))
         raise SystemExit(USAGE_ERROR) from None
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:
         if args.debug:
             raise
-        _say_error(f"{type(err).__name__}: {err} (run with --debug for the traceback)")
+        say_error(f"{type(err).__name__}: {err} (run with --debug for the traceback)")
         raise SystemExit(RUN_ERROR) from None
 
 
