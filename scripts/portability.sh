@@ -13,3 +13,5 @@ done
 echo "== GOCA_TEST_THREADS=2 (one process: 2 threads each on 2 cores would oversubscribe)"
 GOCA_TEST_THREADS=2 $PY -m pytest -q -m "rounding and not slow" -p no:cacheprovider \
   tests/test_pipeline.py tests/test_pipeline_sdxl.py tests/test_pipeline_pixart.py tests/test_segment_goca_pixart.py
+GOCA_TEST_THREADS=2 $PY -m pytest -q -m "rounding and not slow" -p no:cacheprovider tests/test_pipeline_mmdit.py \
+  -k "off_is_stock or partner or in_forward"

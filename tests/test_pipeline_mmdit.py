@@ -28,6 +28,8 @@ from goca_scfg.segment.goca import goca_layers, joint_rule
 from goca_scfg.segment.goca_joint import joint_layer_pass
 from goca_scfg.testing import sharpen_attention, t5_tokenizer
 
+pytestmark = pytest.mark.rounding  # compares runs: .ci/run's portability job runs it again
+
 PROMPTS = ["a cat on a red sofa", "a dog in a green park"]
 OTHER = ["a lighthouse at night by the sea", "two apples on a wooden table"]  # lower case: the T5 vocabulary is
 
