@@ -2,9 +2,12 @@
 
 Builds a pipeline of real size with random weights of a registered model family (goca_scfg/families/; `--arch sd15`:
 the published SD v1.5 UNet / VAE / text-encoder configs; `--arch sdxl`: SDXL base 1.0's; `--arch pixart-sigma`:
-PixArt-Sigma-XL-2's transformer; random weights time exactly like real ones), or loads real weights with --model
-(the SCFG pipeline class is picked from its model_index.json). The family also gives the default cases, steps, dtype
-and methods, and the keywords of every call.
+PixArt-Sigma-XL-2's transformer; `--arch sd3`: SD3.5-medium's MMDiT; `--arch flux`: FLUX.1-dev's transformer, true
+CFG; random weights time exactly like real ones), or loads real weights with --model (the SCFG pipeline class is
+picked from its model_index.json). The family also gives the default cases, steps, dtype and methods, and the
+keywords of every call (Flux: `true_cfg_scale=4.0` and an empty negative prompt, one per prompt). Builders that take
+a device and dtype (SD3, Flux) build the random weights directly there, in that dtype (FLUX.1-dev's 11.9B
+parameters never exist in fp32 or on the host).
 For every case (size × batch) and method it reports the median seconds per image over repeats, the peak device
 memory, and both as ratios to plain CFG (`segmentor=None`). With --profile it attributes the per-step cost of the
 segmentation stages (torch.profiler labels `goca_scfg::*`). With --agreement it measures the per-step label
@@ -14,6 +17,8 @@ timing, the FLOPs of one denoising step per case and method (bench/step_flops.py
   python bench/bench_guidance.py --tiny                  # CPU smoke mode: seconds (--arch sdxl: tiny SDXL)
   python bench/bench_guidance.py --device cuda           # SD v1.5 cases of the GPU run (fp16, 50 steps)
   python bench/bench_guidance.py --device cuda --arch sdxl   # SDXL 1024² b1, its Euler scheduler
+  python bench/bench_guidance.py --device cuda --arch flux   # FLUX.1-dev 1024² b1, bf16, 28 steps, cfg and goca
+  python bench/bench_guidance.py --arch sd3 --tiny           # CPU smoke mode of a joint-attention family
   python bench/bench_guidance.py --flops --cases 512b1,768b1,1024b1  # FLOPs per step: no GPU, minutes on a CPU
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -31,9 +37,12 @@ from dataclasses import dataclass
 
 import torch
 
-from goca_scfg import AttentionRecord, capture_attention
-from goca_scfg.families import FAMILIES, Family, family_of
+from goca_scfg.capture import AttentionRecord, LayerTensors
+from goca_scfg.families import FAMILIES, Family, family_of, resolve
+from goca_scfg.guidance import RateRule
+from goca_scfg.layout import ModelLayout
 from goca_scfg.loading import load_pipeline, model_family, swap_scheduler
+from goca_scfg.segment import make_segmentor
 from goca_scfg.vocab import BASELINE, DTYPE_NAMES, METHOD_NAMES, SCHEDULER_NAMES, get_method, torch_dtype
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ is no package: its sibling step_flops
@@ -64,6 +73,9 @@ def build_pipeline(args):
         pipe = family.pipeline_class()(**family.build_tiny_components()).to(args.device)
     elif args.model:
         pipe = load_pipeline(args.model, torch_dtype=dtype, device=args.device)
+    elif {"device", "dtype"} <= set(inspect.signature(resolve(family.random_components)).parameters):
+        # built directly in the dtype on the device (FLUX.1-dev's 11.9B parameters: no fp32 copy on the host)
+        pipe = family.pipeline_class()(**family.build_random_components(device=args.device, dtype=dtype))
     else:
         pipe = family.pipeline_class()(**family.build_random_components()).to(device=args.device, dtype=dtype)
     swap_scheduler(pipe, args.scheduler)
@@ -86,8 +98,7 @@ def _generate(pipe, case: Case, steps: int, **kwargs) -> None:
         guidance_scale=7.5,
         generator=[torch.Generator().manual_seed(i) for i in range(case.batch)],
         output_type="latent",
-        **family_of(pipe).bench.call_kwargs,
-        **kwargs,
+        **{**step_flops.bench_call_kwargs(family_of(pipe), case.batch), **kwargs},
     )
 
 
@@ -156,23 +167,12 @@ def profile_stages(pipe, case: Case, method: str, args) -> dict[str, float]:
     return out
 
 
-def plan_outside_call(pipe, case: Case, method: str):
-    """The segmentation plan a pipeline call makes for this case and method (with the uncond condition the call
-    would encode: SDXL's empty negative prompt is all zeros, which changes what the segmentors read)."""
-    kwargs = get_method(method).pipeline_kwargs()
-    return pipe.call_plan(
-        kwargs["segmentor"], [PROMPT] * case.batch, case.height, case.width, scfg_config=kwargs["scfg_config"],
-        goca_config=kwargs["goca_config"], **family_of(pipe).bench.call_kwargs,
-    )  # fmt: skip
-
-
 def capture_bytes(pipe, case: Case, method: str) -> int:
-    """Bytes the attention record holds at the end of a denoiser call (the capture's extra memory per step)."""
-    plan = plan_outside_call(pipe, case, method)
-    held = []
-    with capture_attention(pipe.denoiser, plan.requests, plan.reducers) as record:
-        _generate(pipe, case, 1, segmentor=None, callback_on_step_end=lambda *_: held.append(record.nbytes()) or {})
-    return max(held)
+    """Bytes the attention record holds when the segmentation reads it (after the step's denoiser calls: the
+    capture's extra memory per step), in a one-step call of the method."""
+    with step_flops.recorded_bytes() as sizes:
+        _generate(pipe, case, 1, **get_method(method).pipeline_kwargs())
+    return sizes.largest()[0]
 
 
 def _rounded_record(record: AttentionRecord) -> AttentionRecord:
@@ -181,34 +181,64 @@ def _rounded_record(record: AttentionRecord) -> AttentionRecord:
     def rounded(t):
         return None if t is None else t.half().to(t.dtype)
 
+    fields = [f for f in ("q", "k", "o", "reduced", "k_rest") if hasattr(LayerTensors, f)]
     return AttentionRecord(
-        {name: dataclasses.replace(t, **{f: rounded(getattr(t, f)) for f in ("q", "k", "o", "reduced")})
+        {name: dataclasses.replace(t, **{f: rounded(getattr(t, f)) for f in fields})
          for name, t in record.layers.items()}
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _PlainRate(RateRule):
+    """r ≡ 1: ε̂ = ε_u + w·Δ, plain CFG (the segmentation runs, the trajectory is CFG's)."""
+
+    def __call__(self, delta, masks, fg, guidance_scale):
+        return torch.ones_like(fg, dtype=torch.float32)
 
 
 def label_agreement(pipe, case: Case, args) -> dict[str, list[float]]:
     """Per-step fraction of latent pixels whose GoCA label agrees with the exact mode's.
 
     "fast": GoCA's fast mode; "fp16_noise": the exact mode on the same maps rounded to fp16 (a noise floor: how
-    often labels flip under precision noise alone). Every plan segments the same recorded maps of one plain-CFG
-    trajectory, so only the approximation differs.
+    often labels flip under precision noise alone). One call of exact GoCA with the rate ≡ 1 (plain CFG's
+    trajectory) builds its plan as every pipeline does (the cond rows of a batched call; Flux: its cond call, the
+    T5 key mask, SD3: its CLIP columns); the other plans are built from the same arguments and segment each step's
+    record as exact GoCA reads it, so only the approximation differs. All plans record the same layers with the same
+    reducers (fast mode changes no head aggregation); on joint attention, whose in-forward passes are kept by the
+    segmentor that made them, none: every plan makes its passes from the raw record (more memory, same masks).
     """
-    plans = {name: plan_outside_call(pipe, case, method) for name, method in
-             (("exact", "goca"), ("fast", "goca-fast"), ("fp16_noise", "goca"))}  # fmt: skip
     agreement: dict[str, list[float]] = {"fast": [], "fp16_noise": []}
+    plan_spatial_guidance = pipe.spatial_guidance
+    joint = ModelLayout.of(pipe.denoiser).arch == "joint"
 
-    def on_step(_pipe, i, _t, _kwargs):
-        reference = plans["exact"].masks(i, record)[0].argmax(1)
-        for name in agreement:
-            source = _rounded_record(record) if name == "fp16_noise" else record
-            labels = plans[name].masks(i, source)[0].argmax(1)
-            agreement[name].append((labels == reference).float().mean().item())
-        return {}
+    def spatial_guidance(segmentor, *a, **kw):
+        exact = plan_spatial_guidance(segmentor, *a, **kw)
+        if joint:  # its in-forward passes live in the exact segmentor: record raw q and keys, every plan reads them
+            exact.plan = dataclasses.replace(exact.plan, reducers={})
+        kw = {**kw, "return_maps": False, "rate_rule": None}
+        others = {
+            "fast": plan_spatial_guidance(make_segmentor(**get_method("goca-fast").pipeline_kwargs()), *a, **kw),
+            "fp16_noise": plan_spatial_guidance(make_segmentor(**get_method("goca").pipeline_kwargs()), *a, **kw),
+        }
+        segment = exact.masks
 
-    # all plans record the same layers with the same reducers (fast mode changes no head aggregation)
-    with capture_attention(pipe.denoiser, plans["exact"].requests, plans["exact"].reducers) as record:
-        _generate(pipe, case, args.agreement_steps, segmentor=None, callback_on_step_end=on_step)
+        def masks(step, record):
+            result = segment(step, record)
+            reference = result[0].argmax(1)
+            for name, plan in others.items():
+                source = _rounded_record(record) if name == "fp16_noise" else record
+                labels = plan.masks(step, source)[0].argmax(1)
+                agreement[name].append((labels == reference).float().mean().item())
+            return result
+
+        exact.masks = masks
+        return exact
+
+    pipe.spatial_guidance = spatial_guidance  # instance attribute: this call only
+    try:
+        _generate(pipe, case, args.agreement_steps, **get_method("goca").pipeline_kwargs(), rate_rule=_PlainRate())
+    finally:
+        del pipe.spatial_guidance
     return agreement
 
 

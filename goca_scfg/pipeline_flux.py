@@ -129,6 +129,26 @@ class FluxSCFGPipeline(SCFGPipelineMixin, FluxPipeline):
             kwargs["token_options"] = {"max_sequence_length": int(kwargs["key_mask"].shape[1])}
         return super().spatial_guidance(segmentor, prompt, height, width, num_images_per_prompt, **kwargs)
 
+    def call_plan(
+        self,
+        segmentor: str | Segmentor,
+        prompt: str | list[str],
+        height: int,
+        width: int,
+        scfg_config: SCFGConfig | None = None,
+        goca_config: GoCAConfig | None = None,
+        **call_kwargs,
+    ) -> SpatialGuidance:
+        """The plan a call makes (`SCFGPipelineMixin.call_plan`): T5 tokens and non-padding columns of the call's
+        `prompt_2` (else `prompt`) at its `max_sequence_length` (default 512); no text needs encoding."""
+        texts = call_kwargs.get("prompt_2") or prompt
+        prompts = [texts] if isinstance(texts, str) else list(texts)
+        length = call_kwargs.get("max_sequence_length", 512)
+        return self.spatial_guidance(
+            segmentor, prompts, height, width, scfg_config=scfg_config, goca_config=goca_config,
+            key_mask=self.context_columns(prompts, 1, length), max_sequence_length=length,
+        )  # fmt: skip
+
     def context_columns(
         self, prompt: str | list[str] | None, num_images_per_prompt: int, max_sequence_length: int
     ) -> Tensor | None:

@@ -24,7 +24,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 )
 
 from .config import GoCAConfig, SCFGConfig
-from .guidance import RateRule, SCFGStepMaps, SCFGStepRates
+from .guidance import RateRule, SCFGStepMaps, SCFGStepRates, SpatialGuidance
 from .pipeline_utils import DEFAULT_SEGMENTOR, SCFGPipelineMixin
 from .segment import Segmentor
 
@@ -60,6 +60,25 @@ class StableDiffusion3SCFGPipeline(SCFGPipelineMixin, StableDiffusion3Pipeline):
 
     denoiser_name = "transformer"
     casts_latents = True  # `prepare_latents` moves given latents to the call's dtype
+
+    def call_plan(
+        self,
+        segmentor: str | Segmentor,
+        prompt: str | list[str],
+        height: int,
+        width: int,
+        scfg_config: SCFGConfig | None = None,
+        goca_config: GoCAConfig | None = None,
+        **call_kwargs,
+    ) -> SpatialGuidance:
+        """The plan a call makes (`SCFGPipelineMixin.call_plan`): the joint context's CLIP columns for the call's
+        `max_sequence_length` (default 256); no text needs encoding."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        length = self.tokenizer_max_length + call_kwargs.get("max_sequence_length", 256)
+        keep = self.context_columns(torch.zeros(2 * len(prompts), length, 1, device=self.device))
+        return self.spatial_guidance(
+            segmentor, prompts, height, width, scfg_config=scfg_config, goca_config=goca_config, key_mask=keep
+        )
 
     def context_columns(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """(rows, T) bool: the joint context's CLIP positions (the first `tokenizer_max_length`, which name the

@@ -75,6 +75,18 @@ def test_bench_tiny_pixart_smoke(bench):
     assert len(agreement["fast"]) >= 1 and all(0 <= v <= 1 for v in agreement["fast"] + agreement["fp16_noise"])
 
 
+def test_bench_tiny_flux_smoke(bench):
+    """Flux's true CFG (two transformer calls per step) at b2: the family's empty negative prompt goes in as one per
+    prompt (stock Flux fails on one string for two prompts); the fast-mode agreement segments its cond call's record
+    (joint attention: a raw record every plan reads)."""
+    argv = ["--arch", "flux", "--tiny", "--cases", "64b2", "--repeats", "1", "--steps", "1", "--warmup-steps", "0"]
+    results = bench.main([*argv, "--agreement", "--agreement-steps", "2"])
+    assert [r["method"] for r in results["rows"]] == ["cfg", "goca"]  # the family's methods: no S-CFG
+    assert all(r["s_per_img"] > 0 and r["time_ratio"] > 0 for r in results["rows"])
+    agreement = results["agreement"]["64x64 b2"]
+    assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in agreement.values())
+
+
 def test_sdpa_rule_is_the_math_paths_count(step_flops):
     """The explicit rule equals what FlopCounterMode counts where SDPA runs as explicit matmuls (the math path)."""
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 16)  # d_v != d_qk: math path
@@ -84,24 +96,35 @@ def test_sdpa_rule_is_the_math_paths_count(step_flops):
     assert counter.get_total_flops() == step_flops.sdpa_flops(q, k, v) == 2 * 6 * 5 * 7 * (8 + 16)
 
 
-KEYS = ("total", "sdpa", "dense", "denoiser", "after_denoiser", "sdpa_calls")
+KEYS = ("total", "sdpa", "dense", "denoiser", "after_denoiser", "sdpa_calls", "denoiser_calls", "record_bytes")
 
 
 @pytest.mark.parametrize(
-    "arch, methods", [("sd15", ["cfg", "scfg", "goca"]), ("sdxl", ["cfg", "goca"]), ("pixart-sigma", ["cfg", "goca"])]
+    "arch, methods",
+    [
+        ("sd15", ["cfg", "scfg", "goca"]),
+        ("sdxl", ["cfg", "goca"]),
+        ("pixart-sigma", ["cfg", "goca"]),
+        ("sd3", ["cfg", "goca"]),
+        ("flux", ["cfg", "goca"]),  # true CFG: two transformer calls per step, list negative prompts at b2
+    ],
 )
 def test_shapes_only_count_equals_real_count(step_flops, arch, methods):
-    """Counting with a meta denoiser and shape-only ops gives exactly the count of the real computation."""
+    """Counting with a meta denoiser and shape-only ops gives exactly the count of the real computation, and the
+    same record size at the segmentation (the record's tensors keep the model's shapes and dtypes)."""
     cases = [(64, 64, 2)]
     shapes = step_flops.count_table(step_flops.build_pipeline(arch, "shapes", tiny=True), cases, methods)
     real = step_flops.count_table(step_flops.build_pipeline(arch, "real", tiny=True), cases, methods)
     assert [{k: r[k] for k in KEYS} for r in shapes] == [{k: r[k] for k in KEYS} for r in real]
     rows = dict(zip(methods, shapes))
     cfg, goca = rows["cfg"], rows["goca"]
-    assert cfg["after_denoiser"] == 0 and cfg["sdpa"] > 0 and cfg["dense"] > 0
-    assert goca["after_denoiser"] > 0 and goca["total_ratio"] > 1
-    if arch != "pixart-sigma":  # on a UNet GoCA adds fused attention calls (its reducers); on PixArt it adds none
-        assert goca["sdpa_calls"] > cfg["sdpa_calls"]
+    assert cfg["after_denoiser"] == 0 and cfg["sdpa"] > 0 and cfg["dense"] > 0 and cfg["record_bytes"] == 0
+    assert goca["after_denoiser"] > 0 and goca["total_ratio"] > 1 and goca["record_bytes"] > 0
+    # one batched [uncond; cond] call per step; Flux's true CFG: the cond call, then the uncond call
+    assert cfg["denoiser_calls"] == goca["denoiser_calls"] == (2 if arch == "flux" else 1)
+    assert goca["denoiser"] >= cfg["denoiser"]  # plus the capture's in-forward reducers, where there are any
+    # GoCA removes no attention call; it may add some (UNet reducers, propagation) or form small maps explicitly
+    assert goca["sdpa_calls"] >= cfg["sdpa_calls"] and goca["sdpa"] >= cfg["sdpa"]
     if "scfg" in rows:  # S-CFG adds no attention call, only its segmentation after the denoiser
         assert rows["scfg"]["sdpa"] == cfg["sdpa"] and rows["scfg"]["after_denoiser"] > 0
 

@@ -469,3 +469,32 @@ def test_sd3_skip_layer_guidance_segments_the_batched_call(sd3):
     assert len(out.maps) == 3 and torch.isfinite(out.images).all()
     off = _call(ours, PROMPTS[:1], num_images_per_prompt=1, segmentor=None, **kw).images
     assert torch.equal(off, _call(stock, PROMPTS[:1], num_images_per_prompt=1, **kw).images)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_call_plan_is_the_calls_plan(name, request):
+    """`call_plan` (segment any recorded step yourself) gives the masks the call's own plan gives for a record."""
+    ours, _ = request.getfixturevalue(name)
+    extra = {"max_sequence_length": 32} if name == "flux" else {}
+    plan = ours.call_plan("goca", PROMPTS, 64, 64, **extra)
+    kw = dict(height=64, width=64, batch_size=2)
+    if name == "flux":
+        kw.update(key_mask=ours.context_columns(PROMPTS, 1, 32), max_sequence_length=32)
+    else:
+        kw.update(key_mask=ours.context_columns(torch.zeros(4, 77 + 256, 1)))
+    call = ours.spatial_guidance("goca", PROMPTS, **kw)
+    assert plan.requests == call.requests and plan.tokens == call.tokens
+    torch.manual_seed(0)
+    x = torch.randn(4 if name == "sd3" else 2, *((16, 8, 8) if name == "sd3" else (16, 64)))
+    args = _transformer_inputs(ours, x)
+    from goca_scfg.pipeline_utils import cond_half
+
+    masks = []
+    for guide in (plan, call):
+        with capture_attention(
+            ours.transformer, guide.requests, guide.reducers, cond_half if name == "sd3" else None
+        ) as record:
+            with torch.no_grad():
+                ours.transformer(**args)
+            masks.append(guide.masks(0, record)[0])
+    assert torch.equal(*masks)
