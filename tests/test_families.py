@@ -112,13 +112,17 @@ def test_every_bench_arch_is_a_registered_family():
 @pytest.mark.parametrize("name", NAMES)
 def test_step_flops_builds_the_family_model(name):
     """`step_flops --arch NAME` builds that family's pipeline (it once built SD v1.5 for pixart-sigma), with the
-    denoiser on the meta device and a CPU scheduler."""
+    denoiser on the meta device and a CPU scheduler (DDIM, or a flow-matching model's own)."""
     step_flops = _bench_module("step_flops")
     family = family_named(name)
     pipe = step_flops.build_pipeline(name, "shapes", tiny=True)
     assert type(pipe) is family.pipeline_class()
     assert getattr(pipe, family.denoiser).device.type == "meta" and pipe.text_encoder.device.type == "cpu"
-    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.betas.device.type == "cpu"
+    scheduler = type(pipe.scheduler).__name__
+    if scheduler.startswith("FlowMatch"):  # flow-matching models (SD3, Flux) keep their own scheduler
+        assert family.name in ("sd3", "flux") and pipe.scheduler.sigmas.device.type == "cpu"
+    else:
+        assert scheduler == "DDIMScheduler" and pipe.scheduler.betas.device.type == "cpu"
 
 
 def test_goca_presets_come_from_the_registry():
