@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from .layout import is_attention, is_joint_attention, joint_view, unwrap
 from .ops import attention_probs, joint_attention_probs
@@ -166,7 +167,8 @@ def capture_attention(
 def _maybe_reduce(slot: LayerTensors, wanted: set[str], reducer: Reduce | None) -> None:
     if reducer is None or any(getattr(slot, f) is None for f in wanted):
         return
-    slot.reduced = reducer.fn(slot)
+    with record_function("goca_scfg::capture_reduce"):
+        slot.reduced = reducer.fn(slot)
     for f in wanted - reducer.keep:
         setattr(slot, f, None)
 

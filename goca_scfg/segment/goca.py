@@ -43,7 +43,9 @@ from .goca_joint import JointLayerMaps, joint_layer_pass, pad_tokens, reference_
 
 logger = logging.getLogger(__name__)
 
-_CHUNK_ELEMENTS = 2**25  # fp32 elements (128 MiB) per temporary in the chunked similarity
+_ROW_CHUNK_ELEMENTS = 2**20  # fp32 elements (4 MiB) per row chunk of an explicit self map
+_EXPLICIT_S_ELEMENTS = 2**24  # the largest self map (64 MiB fp32) the propagation forms instead of fused passes
+_SIM_CHUNK_ELEMENTS = 2**21  # fp32 elements (8 MiB) per head's row chunk in the layer similarity
 
 # ----------------------------------------------------------------------------------------------- §2.3 heads
 
@@ -57,10 +59,12 @@ def head_weights_dot_product(out_heads: Tensor, w_out: Tensor, heads: int, eps: 
     """
     o = out_heads.float()
     w = w_out.float()
-    s = o @ w.t()  # (B, N, C_out): out-projection without bias
-    g = s @ w  # (B, N, C): s pulled back through W_o
     b, n, c = o.shape
-    contrib = (o * g).view(b, n, heads, c // heads).sum(-1)  # (B, N, H) = c_h(p)
+    if c < b * n:  # the Gram matrix costs less than a second (B·N, C) × (C, C) product
+        g = o @ (w.t() @ w)  # (B, N, C) = (o·W_oᵀ)·W_o: s pulled back through W_o
+    else:
+        g = (o @ w.t()) @ w  # s = o·W_oᵀ (B, N, C_out), the out-projection without bias, pulled back
+    contrib = g.mul_(o).view(b, n, heads, c // heads).sum(-1)  # (B, N, H) = c_h(p)
     total = contrib.sum(-1, keepdim=True)
     return (contrib / total.clamp_min(eps)).transpose(1, 2)
 
@@ -72,7 +76,7 @@ def head_weights_average(batch: int, heads: int, n: int, device: torch.device | 
 
 def aggregate_heads(probs: Tensor, weights: Tensor) -> Tensor:
     """A(p, t) = Σ_h w_h(p)·P_h(p, t) (algorithm.md §2.3). probs: (B, H, N, T); weights: (B, H, N) → (B, N, T)."""
-    return torch.einsum("bhnt,bhn->bnt", probs.float(), weights.float())
+    return (probs.float() * weights.float().unsqueeze(-1)).sum(dim=1)  # faster than einsum's permuted bmm here
 
 
 def goca_head_aggregate(probs: Tensor, out_heads: Tensor, w_out: Tensor, config: GoCAConfig) -> Tensor:
@@ -123,35 +127,94 @@ def layer_similarity(
     dense_hw: tuple[int, int],
     query_stride: int = 1,
     self_map: Tensor | None = None,
+    adjoint: Tensor | None = None,
 ) -> Tensor:
     """s_ℓ = Σ_{p,k} P(p,k)·T̃_ℓ(p,k) per sample (algorithm.md §2.4 steps 2–4), without N×N maps at latent size.
 
     pseudo: (B, Nd', Nd) from `pseudo_self_attention` with the same `query_stride`; self_q, self_k: (B, N, C) of
     the block's attn1 (self_q may already hold only the even rows). The dense grid itself (no resize) and a grid
     twice as fine (even query rows and 2×2 key pooling: exactly the bilinear/nearest resize, §4.3) run all heads at
-    once over bounded row chunks; other grids use `resize_self_map` on the head-mean map (`self_map` when given,
-    else formed from q and k). Returns (B,).
+    once over bounded row chunks (`_similarity_chunked`); other grids take the head-mean map (`self_map` when given,
+    else formed from q and k) against the resize's adjoint applied to P (`resize_adjoint`, or `adjoint` when given:
+    it depends only on P and the grids). Returns (B,).
+    """
+    (h, w), (dh, dw) = hw, dense_hw
+    if self_map is None and (h, w) in ((dh, dw), (2 * dh, 2 * dw)):
+        return _similarity_chunked(pseudo, self_q, self_k, heads, scale, hw, dense_hw, query_stride)
+    full = self_map if self_map is not None else attention_probs(self_q, self_k, heads, scale, head_mean=True)
+    if adjoint is None:
+        adjoint = resize_adjoint(pseudo, hw, dense_hw, query_stride)
+    return (full.float() * adjoint).sum(dim=(1, 2))
+
+
+def _similarity_chunked(
+    pseudo: Tensor,
+    self_q: Tensor,
+    self_k: Tensor,
+    heads: int,
+    scale: float,
+    hw: tuple[int, int],
+    dense_hw: tuple[int, int],
+    query_stride: int,
+) -> Tensor:
+    """`layer_similarity` on the dense grid or one twice as fine, one sample, head and row chunk at a time.
+
+    Per chunk and head: one matmul (scale folded into q), one softmax and (2× grids) the sum over each key's 2×2
+    cell, the keys having been reordered once so that a cell's four keys are four contiguous blocks of the dense
+    grid; the heads are summed into one buffer, then one dot product with P's rows. Chunks are bounded so that the
+    temporaries stay cache-sized: the work is memory-bound, and one head's (rows × N) product runs faster than a
+    batch of smaller ones. Equal to the 4-D resize form up to float rounding.
     """
     b = pseudo.shape[0]
     (h, w), (dh, dw) = hw, dense_hw
-    if self_map is None and (h, w) in ((dh, dw), (2 * dh, 2 * dw)):
-        pool = h // dh
-        q = self_q.float()
-        if pool == 2 and q.shape[1] == h * w:  # full queries: keep the even (y, x) rows
-            q = even_query_rows(q, hw)
-        q = q[:, ::query_stride]
-        k = split_heads(self_k.float(), heads)  # (B, H, N, d)
-        q = split_heads(q, heads)  # (B, H, Nd', d)
-        rows = max(1, _CHUNK_ELEMENTS // (b * heads * h * w))  # bound the (B, H, rows, N) temporaries
-        total = torch.zeros(b, device=q.device)
-        for start in range(0, q.shape[2], rows):
-            probs = torch.softmax(q[:, :, start : start + rows] @ k.transpose(-1, -2) * scale, dim=-1)
-            if pool == 2:
-                probs = F.avg_pool2d(probs.reshape(-1, 1, h, w), 2).reshape(b, heads, -1, dh * dw)
-            total += (pseudo[:, start : start + rows] * probs.mean(dim=1)).sum(dim=(1, 2))
-        return total
-    full = self_map if self_map is not None else attention_probs(self_q, self_k, heads, scale, head_mean=True)
-    return (pseudo * resize_self_map(full.float(), hw, dense_hw)[:, ::query_stride]).sum(dim=(1, 2))
+    pool = h // dh
+    c = self_k.shape[-1]
+    d = c // heads
+    q = self_q.float()
+    if pool == 2 and q.shape[1] == h * w:  # full queries: keep the even (y, x) rows
+        q = even_query_rows(q, hw)
+    qh = (split_heads(q[:, ::query_stride], heads) * scale).contiguous()  # (B, H, Nd', d)
+    k = self_k.float()
+    if pool == 2:  # (B, H, d, N) with the keys ordered (cell row parity, column parity, y, x)
+        kt = k.view(b, dh, 2, dw, 2, heads, d).permute(0, 5, 6, 2, 4, 1, 3).reshape(b, heads, d, h * w)
+    else:
+        kt = k.view(b, h * w, heads, d).permute(0, 2, 3, 1).contiguous()
+    nd = dh * dw
+    rows = max(1, _SIM_CHUNK_ELEMENTS // (h * w))
+    total = torch.zeros(b, device=q.device)
+    for i in range(b):
+        for start in range(0, qh.shape[2], rows):
+            p_rows = pseudo[i, start : start + rows]
+            acc = None
+            for head in range(heads):
+                probs = torch.softmax(qh[i, head, start : start + rows] @ kt[i, head], dim=-1)  # (r, N)
+                if pool == 2:
+                    probs = probs.view(-1, 4, nd).sum(dim=1)  # (r, Nd): the 2×2 cells
+                acc = probs if acc is None else acc.add_(probs)
+            total[i] += torch.dot(acc.view(-1), p_rows.reshape(-1))
+    return total / (heads * pool * pool)
+
+
+def resize_adjoint(pseudo: Tensor, hw: tuple[int, int], dense_hw: tuple[int, int], query_stride: int = 1) -> Tensor:
+    """Rᵀ·P·U: the adjoint of the self-map resize of algorithm.md §2.4 step 3 applied to P, so that
+    Σ P ⊙ resize(T) = Σ T ⊙ (Rᵀ P U) for any map T on grid `hw` (U: the bilinear key resize, separable; R: the
+    nearest query resize, a row selection; with `query_stride` only P's rows 0, k, 2k, … of the dense grid).
+
+    pseudo: (B, Nd', Nd) → (B, N, N) on the block's grid. Depends only on P and the grids: one per grid serves all
+    its layers. Exact up to float rounding, any grid sizes.
+    """
+    b, nq, _ = pseudo.shape
+    (h, w), (dh, dw) = hw, dense_hw
+    device = pseudo.device
+    u_h = bilinear_matrix(h, dh).to(device)  # (dh, h)
+    u_w = bilinear_matrix(w, dw).to(device)  # (dw, w)
+    keys = torch.matmul(torch.matmul(u_h.t(), pseudo.float().reshape(b * nq, dh, dw)), u_w)  # (B·Nd', h, w)
+    near_y = resize_nearest(torch.arange(h, dtype=torch.float32).view(1, 1, h, 1), (dh, 1)).flatten().long()
+    near_x = resize_nearest(torch.arange(w, dtype=torch.float32).view(1, 1, 1, w), (1, dw)).flatten().long()
+    dense_rows = torch.arange(0, dh * dw, query_stride)[:nq]
+    coarse = (near_y[dense_rows // dw] * w + near_x[dense_rows % dw]).to(device)  # each P row's coarse query
+    out = torch.zeros(b, h * w, h * w, device=device)
+    return out.index_add_(1, coarse, keys.reshape(b, nq, h * w))
 
 
 def even_query_rows(q: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -208,6 +271,11 @@ def renorm_per_token(maps: Tensor, taps: Tensor, eps: float) -> Tensor:
 # ----------------------------------------------------------------------------------------------- §2.6 propagate
 
 
+def _width(n: int) -> int:
+    """n rounded up to a multiple of 8 (a head size the fused attention kernels take)."""
+    return -(-n // 8) * 8
+
+
 def propagate_self_attention(
     maps: Tensor,
     queries: list[Tensor],
@@ -219,32 +287,51 @@ def propagate_self_attention(
 ) -> Tensor:
     """C ← S^order·C with S = mean over blocks and heads of softmax(Q Kᵀ·scale) (algorithm.md §2.6, §4.3).
 
-    maps: (B, T, H, W); queries/keys: per block (B, N, C) at the maps' grid (N = H·W). S is never formed: each
-    product is a fused attention call with the maps as values. Head sizes are zero-padded to multiples of 8 (q/k to
-    the head size, the values to the channel count; q·k is unchanged and the scale is passed explicitly), so fused
-    kernels apply and no N×N map is materialised. `row_weights` (per block (B, H, N)): each head's rows scaled, as a
-    joint-attention self map's rows sum to the image share 1 − m_h(p) (algorithm.md §8.5). Returns (B, T, H, W).
+    maps: (B, T, H, W); queries/keys: per block (B, N, C) at the maps' grid (N = H·W). Where S is small (B·N² ≤
+    2²⁴ fp32, e.g. SD v1.5 at 512 px) and the order is ≥ 2, S is formed once in cache-sized chunks
+    (`mean_self_attention_matrix`) and applied `order` times: half the exponentials of `order` fused passes.
+    Otherwise S is never formed: each product is one fused attention call with the maps as values, over the heads
+    of all blocks that share a scale; q/k heads and the values are zero-padded to one common width (a multiple of
+    8): q·k is unchanged, the scale is passed explicitly, and the fused kernels (which need equal q/k/v head sizes)
+    apply, so no N×N map is materialised. `row_weights` (per block (B, H, N)): each head's rows scaled, as a
+    joint-attention self map's rows sum to the image share 1 − m_h(p) (algorithm.md §8.5); they take the fused
+    path. Returns (B, T, H, W).
     """
     b, t, hh, ww = maps.shape
     n = hh * ww
-    x = maps.float().flatten(2).transpose(1, 2)  # (B, N, T)
-    width_v = -(-t // 8) * 8
-    v = F.pad(x, (0, width_v - t))
+    if row_weights is None and order >= 2 and b * n * n <= _EXPLICIT_S_ELEMENTS:
+        s = mean_self_attention_matrix(queries, keys, heads, scales)  # once instead of `order` fused passes
+        x = maps.float().flatten(2).transpose(1, 2)
+        for _ in range(order):
+            x = torch.bmm(s, x)
+        return x.transpose(1, 2).reshape(b, t, hh, ww)
+    width = _width(max([t] + [q.shape[-1] // h for q, h in zip(queries, heads)]))
+    groups: dict[float, list[int]] = {}
+    for i, scale in enumerate(scales):
+        groups.setdefault(float(scale), []).append(i)
+    prepared = []  # per scale: (B, H_g, N, width) q and k, the per-head factor, the per-head row weights
+    for scale, idx in groups.items():
+
+        def padded(x: Tensor, h: int) -> Tensor:
+            d = x.shape[-1] // h
+            return F.pad(x.float().view(b, n, h, d).transpose(1, 2), (0, width - d))
+
+        qh = torch.cat([padded(queries[i], heads[i]) for i in idx], dim=1)
+        kh = torch.cat([padded(keys[i], heads[i]) for i in idx], dim=1)
+        factor = torch.cat([torch.full((heads[i],), 1.0 / (heads[i] * len(queries))) for i in idx]).to(qh.device)
+        rows = torch.cat([row_weights[i].float() for i in idx], dim=1) if row_weights is not None else None
+        prepared.append((scale, qh, kh, factor, rows))
+    x = F.pad(maps.float().flatten(2).transpose(1, 2), (0, width - t))  # (B, N, width)
     for _ in range(order):
-        acc = torch.zeros_like(v)
-        for i, (q, k, n_heads, scale) in enumerate(zip(queries, keys, heads, scales)):  # one block alive at a time
-            d = q.shape[-1] // n_heads
-            width_qk = -(-d // 8) * 8
-            qh = F.pad(q.float().view(b, n, n_heads, d).transpose(1, 2), (0, width_qk - d))
-            kh = F.pad(k.float().view(b, n, n_heads, d).transpose(1, 2), (0, width_qk - d))
-            vh = v.unsqueeze(1).expand(b, n_heads, n, width_v)
-            out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
-            if row_weights is not None:
-                out = out * row_weights[i].float().unsqueeze(-1)
-            acc += out.mean(dim=1)
-        v = acc / len(queries)
-    x = v[..., :t]
-    return x.transpose(1, 2).reshape(b, t, hh, ww)
+        acc = None
+        for scale, qh, kh, factor, rows in prepared:
+            out = F.scaled_dot_product_attention(qh, kh, x.unsqueeze(1).expand(b, qh.shape[1], n, width), scale=scale)
+            if rows is not None:
+                out = out * rows.unsqueeze(-1)
+            part = torch.einsum("bhnc,h->bnc", out, factor)
+            acc = part if acc is None else acc + part
+        x = acc
+    return x[..., :t].transpose(1, 2).reshape(b, t, hh, ww)
 
 
 def bilinear_matrix(size_in: int, size_out: int) -> Tensor:
@@ -256,19 +343,23 @@ def bilinear_matrix(size_in: int, size_out: int) -> Tensor:
 def mean_self_attention_matrix(
     queries: list[Tensor], keys: list[Tensor], heads: list[int], scales: list[float]
 ) -> Tensor:
-    """S = mean over blocks and heads of softmax(Q Kᵀ·scale), formed in bounded row chunks (algorithm.md §2.6).
+    """S = mean over blocks and heads of softmax(Q Kᵀ·scale), formed in cache-sized row chunks (algorithm.md §2.6).
 
-    queries/keys: per block (B, n, C). Returns (B, n, n) fp32.
+    queries/keys: per block (B, n, C). Returns (B, n, n) fp32. One head's chunk at a time, accumulated into the
+    chunk of S while it is hot (scale folded into q; equal up to float rounding).
     """
     b, n, _ = queries[0].shape
+    qs = [(split_heads(q.float(), h) * scale).contiguous() for q, h, scale in zip(queries, heads, scales)]
+    kts = [split_heads(k.float(), h).transpose(-1, -2).contiguous() for k, h in zip(keys, heads)]
     s = torch.zeros(b, n, n, device=queries[0].device)
-    for q, k, n_heads, scale in zip(queries, keys, heads, scales):
-        qh, kh = split_heads(q.float(), n_heads), split_heads(k.float(), n_heads)
-        rows = max(1, _CHUNK_ELEMENTS // (b * n_heads * n))
+    rows = max(1, _ROW_CHUNK_ELEMENTS // n)
+    for i in range(b):
         for start in range(0, n, rows):
-            logits = qh[:, :, start : start + rows] @ kh.transpose(-1, -2) * scale
-            s[:, start : start + rows] += torch.softmax(logits, dim=-1).mean(dim=1)
-    return s / len(queries)
+            acc = s[i, start : start + rows]
+            for qh, kt, n_heads in zip(qs, kts, heads):
+                for h in range(n_heads):
+                    acc.add_(torch.softmax(qh[i, h, start : start + rows] @ kt[i, h], dim=-1), alpha=1.0 / n_heads)
+    return s.div_(len(queries))
 
 
 def propagate_upsampled_self_attention(
@@ -388,13 +479,22 @@ class PropagationInputs:
 def goca_layer_weights(
     layers: list[CrossLayerInputs], dense: Tensor, dense_hw: tuple[int, int], config: GoCAConfig
 ) -> Tensor:
-    """Layer weights (2B, L) by the configured method (algorithm.md §2.4 steps 1–5; 'average' gives 1/L)."""
+    """Layer weights (2B, L) by the configured method (algorithm.md §2.4 steps 1–5; 'average' gives 1/L).
+
+    P is formed once; the layers of a grid the similarity cannot chunk from q and k share one resize adjoint."""
     batch = layers[0].attn_cross.shape[0]
     if config.layer == "average":
         return torch.full((batch, len(layers)), 1.0 / len(layers), device=layers[0].attn_cross.device)
-    pseudo = pseudo_self_attention(reference_feature(dense, config.reference_channels), config.layer_query_stride)
-    sims = torch.stack(
-        [
+    stride = config.layer_query_stride
+    pseudo = pseudo_self_attention(reference_feature(dense, config.reference_channels), stride)
+    direct = (dense_hw, (2 * dense_hw[0], 2 * dense_hw[1]))  # grids `layer_similarity` chunks from q and k
+    adjoints: dict[tuple[int, int], Tensor] = {}  # the resize adjoint: one per grid, shared by its layers
+    sims = []
+    for x in layers:
+        if x.self_map is not None or x.hw not in direct:
+            if x.hw not in adjoints:
+                adjoints[x.hw] = resize_adjoint(pseudo, x.hw, dense_hw, stride)
+        sims.append(
             layer_similarity(
                 pseudo,
                 x.self_q,
@@ -403,14 +503,12 @@ def goca_layer_weights(
                 x.self_scale,
                 x.hw,
                 dense_hw,
-                config.layer_query_stride,
+                stride,
                 self_map=x.self_map,
+                adjoint=adjoints.get(x.hw),
             )
-            for x in layers
-        ],
-        dim=1,
-    )
-    return layer_weights_similarity(sims, config.eps)
+        )
+    return layer_weights_similarity(torch.stack(sims, dim=1), config.eps)
 
 
 def goca_aggregate(
@@ -427,12 +525,14 @@ def goca_segment(
     rescale_tokens: Tensor,
     live_tokens: Tensor,
     config: GoCAConfig,
+    ends: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Masks from G (algorithm.md §2.5–2.7, pseudocode §2.8): rescale + renorm the cond half, propagate both halves
     with the cond S, pads out, argmax regions and the uncond `<sos>` foreground.
 
     agg: (2B, T, H, W) from `goca_aggregate` (uncond channel 0 possibly replaced by `global_token_into_uncond`);
-    rescale_tokens / live_tokens: (B, T) bool of the cond prompts.
+    rescale_tokens / live_tokens: (B, T) bool of the cond prompts; ends: `live_ends(live_tokens)` as a list, when
+    known in advance (the segmentor computes it once per call).
     Returns masks (B, T, H, W) and fg (B, 1, H, W). Exact pruning (every step after the aggregation is per channel
     and per sample): each sample processes only its channels up to its last live token and channel 0 of its uncond
     half; the rest are the zeros the pad zeroing makes of them. Per sample, so a sample's shapes, and its result,
@@ -441,7 +541,7 @@ def goca_segment(
     taps = gaussian_taps(config.blur_kernel, config.blur_sigma)
     t = agg.shape[1]
     g_neg, g_pos = split_cfg(agg)
-    ends = live_ends(live_tokens).tolist()
+    ends = live_ends(live_tokens).tolist() if ends is None else ends  # given: no device sync per step
     masks, fgs = [], []
     for i in range(g_pos.shape[0]):
         n = ends[i]
@@ -678,6 +778,7 @@ class GoCASegmentor(Segmentor):
         self.fg_from_cond = context.foreground_from_cond()  # a blank uncond condition (§8.2)
         self.rescale_tokens = tokens.content() if cfg.tokens == "content" else tokens.caption
         self.live_tokens = tokens.live
+        self.live_ends = live_ends(tokens.live.cpu()).tolist()  # once per call: no device sync per step
         self.global_index = tokens.global_index
         self.key_mask = context.key_mask
         # foreground from the cond branch: the uncond half's maps are never read (only its channel 0, which the
@@ -866,6 +967,7 @@ class GoCASegmentor(Segmentor):
                 self.rescale_tokens.to(device),
                 self.live_tokens.to(device),
                 cfg,
+                ends=self.live_ends,
             )
         return resize_nearest(masks, self.latent_hw), resize_nearest(fg, self.latent_hw)
 
