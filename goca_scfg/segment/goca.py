@@ -11,6 +11,7 @@ pooling for latent-resolution self maps, and S·X as fused attention with the ma
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
-from ..capture import HEAD_MEAN, AttentionRecord, Field, Reduce
+from ..capture import AttentionRecord, Field, Reduce
 from ..config import GoCAConfig
 from ..families import GoCAPreset, PresetMatch, goca_presets
 from ..families.flux import FLUX_DENSE, FLUX_DEPTH, FLUX_PRESET, FLUX_SELF
@@ -138,8 +139,7 @@ def layer_similarity(
     else formed from q and k) against the resize's adjoint applied to P (`resize_adjoint`, or `adjoint` when given:
     it depends only on P and the grids). Returns (B,).
     """
-    (h, w), (dh, dw) = hw, dense_hw
-    if self_map is None and (h, w) in ((dh, dw), (2 * dh, 2 * dw)):
+    if self_map is None and similarity_direct(hw, dense_hw):
         return _similarity_chunked(pseudo, self_q, self_k, heads, scale, hw, dense_hw, query_stride)
     full = self_map if self_map is not None else attention_probs(self_q, self_k, heads, scale, head_mean=True)
     if adjoint is None:
@@ -284,6 +284,7 @@ def propagate_self_attention(
     scales: list[float],
     order: int,
     row_weights: list[Tensor] | None = None,
+    matrix: Tensor | None = None,
 ) -> Tensor:
     """C ← S^order·C with S = mean over blocks and heads of softmax(Q Kᵀ·scale) (algorithm.md §2.6, §4.3).
 
@@ -295,12 +296,13 @@ def propagate_self_attention(
     8): q·k is unchanged, the scale is passed explicitly, and the fused kernels (which need equal q/k/v head sizes)
     apply, so no N×N map is materialised. `row_weights` (per block (B, H, N)): each head's rows scaled, as a
     joint-attention self map's rows sum to the image share 1 − m_h(p) (algorithm.md §8.5); they take the fused
-    path. Returns (B, T, H, W).
+    path. `matrix`: S itself, when the layer similarity already formed it (`explicit_propagation`). Returns
+    (B, T, H, W).
     """
     b, t, hh, ww = maps.shape
     n = hh * ww
-    if row_weights is None and order >= 2 and b * n * n <= _EXPLICIT_S_ELEMENTS:
-        s = mean_self_attention_matrix(queries, keys, heads, scales)  # once instead of `order` fused passes
+    if matrix is not None or explicit_propagation(b, n, order, row_weights is not None):
+        s = matrix if matrix is not None else mean_self_attention_matrix(queries, keys, heads, scales)
         x = maps.float().flatten(2).transpose(1, 2)
         for _ in range(order):
             x = torch.bmm(s, x)
@@ -334,6 +336,12 @@ def propagate_self_attention(
     return x[..., :t].transpose(1, 2).reshape(b, t, hh, ww)
 
 
+def explicit_propagation(batch: int, n: int, order: int, row_weights: bool) -> bool:
+    """Whether `propagate_self_attention` forms S (B·N² ≤ 2²⁴ fp32, order ≥ 2, no row weights) instead of fused
+    passes."""
+    return not row_weights and order >= 2 and batch * n * n <= _EXPLICIT_S_ELEMENTS
+
+
 def bilinear_matrix(size_in: int, size_out: int) -> Tensor:
     """U (size_out, size_in): 1-D linear resize (align_corners=False) as a matrix; 2-D bilinear is U_h ⊗ U_w."""
     eye = torch.eye(size_in).unsqueeze(1)  # (size_in, 1, size_in): one impulse per row
@@ -348,18 +356,81 @@ def mean_self_attention_matrix(
     queries/keys: per block (B, n, C). Returns (B, n, n) fp32. One head's chunk at a time, accumulated into the
     chunk of S while it is hot (scale folded into q; equal up to float rounding).
     """
+    return mean_self_attention_and_similarity(queries, keys, heads, scales)[0]
+
+
+@dataclass(frozen=True)
+class SimilarityTap:
+    """The layer similarity (§2.4 steps 2–4) of propagation blocks, read off the rows of S as it is formed (§2.6):
+    those blocks' head-mean self maps are then never formed twice. pseudo: (B, Nd', Nd) P of the same samples and
+    `query_stride`; blocks: indices of the blocks whose s_ℓ is wanted; their grid (S's) is the dense grid or one
+    twice as fine (`similarity_direct`)."""
+
+    pseudo: Tensor
+    hw: tuple[int, int]
+    dense_hw: tuple[int, int]
+    query_stride: int
+    blocks: tuple[int, ...]
+
+    def rows(self) -> list[int]:
+        """The block-grid query row each P row reads (nearest: the even (y, x) of a grid twice as fine), ascending."""
+        (h, w), (dh, dw) = self.hw, self.dense_hw
+        pool = h // dh
+        dense = torch.arange(0, dh * dw, self.query_stride)[: self.pseudo.shape[1]]
+        return ((dense // dw * pool) * w + dense % dw * pool).tolist()
+
+
+def similarity_direct(hw: tuple[int, int], dense_hw: tuple[int, int]) -> bool:
+    """Whether a self map on grid `hw` meets P without a resize matrix: the dense grid, or twice as fine (§4.3)."""
+    return hw in (dense_hw, (2 * dense_hw[0], 2 * dense_hw[1]))
+
+
+def mean_self_attention_and_similarity(
+    queries: list[Tensor],
+    keys: list[Tensor],
+    heads: list[int],
+    scales: list[float],
+    tap: SimilarityTap | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """`mean_self_attention_matrix`, and with `tap` the similarities s_ℓ (B, len(tap.blocks)) of the tapped blocks
+    from the same softmax rows: each tapped block's chunk is summed over its heads apart, its rows that P reads are
+    dotted with P (keys pooled 2×2 on a grid twice as fine), then it joins S. Equal to `layer_similarity` up to
+    float rounding."""
     b, n, _ = queries[0].shape
     qs = [(split_heads(q.float(), h) * scale).contiguous() for q, h, scale in zip(queries, heads, scales)]
     kts = [split_heads(k.float(), h).transpose(-1, -2).contiguous() for k, h in zip(keys, heads)]
     s = torch.zeros(b, n, n, device=queries[0].device)
     rows = max(1, _ROW_CHUNK_ELEMENTS // n)
+    tapped = {j: slot for slot, j in enumerate(tap.blocks)} if tap is not None else {}
+    sims = torch.zeros(b, len(tapped), device=s.device) if tap is not None else None
+    if tap is not None:
+        grid_rows, pool, (dh, dw) = tap.rows(), tap.hw[0] // tap.dense_hw[0], tap.dense_hw
     for i in range(b):
         for start in range(0, n, rows):
             acc = s[i, start : start + rows]
-            for qh, kt, n_heads in zip(qs, kts, heads):
+            for j, (qh, kt, n_heads) in enumerate(zip(qs, kts, heads)):
+                block = torch.zeros_like(acc) if j in tapped else acc
                 for h in range(n_heads):
-                    acc.add_(torch.softmax(qh[i, h, start : start + rows] @ kt[i, h], dim=-1), alpha=1.0 / n_heads)
-    return s.div_(len(queries))
+                    probs = torch.softmax(qh[i, h, start : start + rows] @ kt[i, h], dim=-1)
+                    block.add_(probs, alpha=1.0 if j in tapped else 1.0 / n_heads)
+                if j not in tapped:
+                    continue
+                lo, hi = bisect_left(grid_rows, start), bisect_left(grid_rows, start + acc.shape[0])
+                if hi > lo:
+                    read = block[torch.tensor(grid_rows[lo:hi], device=s.device) - start]  # (m, N)
+                    if pool == 2:
+                        read = read.view(-1, dh, 2, dw, 2).sum(dim=(2, 4)).flatten(1)
+                    sims[i, tapped[j]] += torch.dot(read.flatten(), tap.pseudo[i, lo:hi].flatten())
+                acc.add_(block, alpha=1.0 / n_heads)
+    if sims is not None:
+        pool = tap.hw[0] // tap.dense_hw[0]
+        sims /= torch.tensor([heads[j] * pool * pool for j in tap.blocks], device=s.device, dtype=torch.float32)
+    return s.div_(len(queries)), sims
+
+
+# a similarity-only self layer on a coarser grid keeps its head-mean map (§4.3), formed one head and cache-sized row
+# chunk at a time (`capture.HEAD_MEAN` forms all heads' maps at once; equal up to float rounding)
+HEAD_MEAN_CHUNKED = Reduce(lambda t: mean_self_attention_matrix([t.q], [t.k], [t.heads], [t.scale]))
 
 
 def propagate_upsampled_self_attention(
@@ -399,7 +470,7 @@ def propagate(maps: Tensor, propagation: PropagationInputs) -> Tensor:
     hw = tuple(maps.shape[-2:])
     args = (propagation.queries, propagation.keys, propagation.heads, propagation.scales, propagation.order)
     if n == hw[0] * hw[1]:
-        return propagate_self_attention(maps, *args, row_weights=propagation.row_weights)
+        return propagate_self_attention(maps, *args, row_weights=propagation.row_weights, matrix=propagation.matrix)
     if propagation.row_weights is not None:
         raise ValueError("joint-attention propagation runs on its blocks' own grid")
     return propagate_upsampled_self_attention(maps, *args, grid_shape(n, hw))
@@ -466,48 +537,63 @@ class PropagationInputs:
     scales: list[float]
     order: int = 2  # SD v1.5's (cfg15 L74-79)
     row_weights: list[Tensor] | None = None  # joint attention: per block the heads' image shares (B, H, N)
+    matrix: Tensor | None = None  # S (B, N, N) when already formed (`mean_self_attention_and_similarity`)
 
     def sample(self, i: int) -> PropagationInputs:
         """The inputs of sample i alone (shapes independent of the batch)."""
         weights = [w[i : i + 1] for w in self.row_weights] if self.row_weights is not None else None
+        matrix = self.matrix[i : i + 1] if self.matrix is not None else None
         return replace(
             self, queries=[q[i : i + 1] for q in self.queries], keys=[k[i : i + 1] for k in self.keys],
-            row_weights=weights,
+            row_weights=weights, matrix=matrix,
         )  # fmt: skip
 
 
 def goca_layer_weights(
-    layers: list[CrossLayerInputs], dense: Tensor, dense_hw: tuple[int, int], config: GoCAConfig
+    layers: list[CrossLayerInputs],
+    dense: Tensor,
+    dense_hw: tuple[int, int],
+    config: GoCAConfig,
+    pseudo: Tensor | None = None,
+    known: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """Layer weights (2B, L) by the configured method (algorithm.md §2.4 steps 1–5; 'average' gives 1/L).
 
-    P is formed once; the layers of a grid the similarity cannot chunk from q and k share one resize adjoint."""
+    P is formed once (or given as `pseudo`); the layers of a grid the similarity cannot chunk from q and k share one
+    resize adjoint. `known[ℓ]`: s_ℓ of the last rows, already read off S (`SimilarityTap`); only the rows before
+    them are computed here."""
     batch = layers[0].attn_cross.shape[0]
     if config.layer == "average":
         return torch.full((batch, len(layers)), 1.0 / len(layers), device=layers[0].attn_cross.device)
     stride = config.layer_query_stride
-    pseudo = pseudo_self_attention(reference_feature(dense, config.reference_channels), stride)
-    direct = (dense_hw, (2 * dense_hw[0], 2 * dense_hw[1]))  # grids `layer_similarity` chunks from q and k
+    if pseudo is None:
+        pseudo = pseudo_self_attention(reference_feature(dense, config.reference_channels), stride)
+    known = known or {}
     adjoints: dict[tuple[int, int], Tensor] = {}  # the resize adjoint: one per grid, shared by its layers
     sims = []
-    for x in layers:
-        if x.self_map is not None or x.hw not in direct:
+    for index, x in enumerate(layers):
+        if x.self_map is not None or not similarity_direct(x.hw, dense_hw):
             if x.hw not in adjoints:
                 adjoints[x.hw] = resize_adjoint(pseudo, x.hw, dense_hw, stride)
-        sims.append(
-            layer_similarity(
-                pseudo,
-                x.self_q,
-                x.self_k,
-                x.self_heads,
-                x.self_scale,
-                x.hw,
-                dense_hw,
-                stride,
-                self_map=x.self_map,
-                adjoint=adjoints.get(x.hw),
-            )
-        )
+        given = known.get(index, pseudo[:0, 0, 0])
+        rows = slice(0, batch - given.shape[0])
+
+        def part(t: Tensor | None, rows: slice = rows) -> Tensor | None:
+            return t[rows] if t is not None else None
+
+        computed = layer_similarity(
+            pseudo[rows],
+            part(x.self_q),
+            part(x.self_k),
+            x.self_heads,
+            x.self_scale,
+            x.hw,
+            dense_hw,
+            stride,
+            self_map=part(x.self_map),
+            adjoint=part(adjoints.get(x.hw)),
+        ) if rows.stop else given[:0]  # fmt: skip
+        sims.append(torch.cat([computed, given.to(computed.dtype)]))
     return layer_weights_similarity(torch.stack(sims, dim=1), config.eps)
 
 
@@ -928,7 +1014,7 @@ class GoCASegmentor(Segmentor):
                     continue
                 if s.factor > layers.dense.factor:
                     self.self_mode[name] = "map"
-                    reducers[name] = HEAD_MEAN
+                    reducers[name] = HEAD_MEAN_CHUNKED
                 elif 2 * s.factor == layers.dense.factor:
                     grid = (-(-self.latent_hw[0] // s.factor), -(-self.latent_hw[1] // s.factor))
                     self.self_mode[name] = "even"
@@ -940,17 +1026,6 @@ class GoCASegmentor(Segmentor):
             return self._segment_joint(step, record)
         cfg = self.config
         inputs = [self._cross_inputs(record, x) for x in self.layers.cross]
-        if self._layer_weights is None or step % cfg.layer_refresh == 0:
-            dense = self._half(record[self.layers.dense.name].q) if cfg.layer == "similarity" else None
-            dense_hw = grid_shape(dense.shape[1], self.latent_hw) if dense is not None else (0, 0)
-            with record_function("goca_scfg::goca_layer_weights"):
-                self._layer_weights = goca_layer_weights(inputs, dense, dense_hw, cfg)
-        with record_function("goca_scfg::goca_aggregate"):
-            agg = goca_aggregate(inputs, self._layer_weights, self.seg_hw, cfg)
-        if self.cond_only:  # (B, …) → [uncond, cond] with the uncond channel 0 the cond global-token map
-            agg = global_token_into_uncond(torch.cat([agg, agg]), self.global_index)
-        elif self.fg_from_cond.any():
-            agg = global_token_into_uncond(agg, self.global_index, self.fg_from_cond)
         prop = [record[x.name] for x in self.layers.propagation]
         propagation = PropagationInputs(
             queries=[split_cfg(r.q)[1] for r in prop],
@@ -959,6 +1034,22 @@ class GoCASegmentor(Segmentor):
             scales=[r.scale for r in prop],
             order=self.layers.order,
         )
+        if self._layer_weights is None or step % cfg.layer_refresh == 0:
+            dense = self._half(record[self.layers.dense.name].q) if cfg.layer == "similarity" else None
+            dense_hw = grid_shape(dense.shape[1], self.latent_hw) if dense is not None else (0, 0)
+            with record_function("goca_scfg::goca_layer_weights"):
+                pseudo, known = None, None
+                if dense is not None:
+                    feature = reference_feature(dense, cfg.reference_channels)
+                    pseudo = pseudo_self_attention(feature, cfg.layer_query_stride)
+                    propagation, known = self._shared_similarity(propagation, pseudo, dense_hw)
+                self._layer_weights = goca_layer_weights(inputs, dense, dense_hw, cfg, pseudo=pseudo, known=known)
+        with record_function("goca_scfg::goca_aggregate"):
+            agg = goca_aggregate(inputs, self._layer_weights, self.seg_hw, cfg)
+        if self.cond_only:  # (B, …) → [uncond, cond] with the uncond channel 0 the cond global-token map
+            agg = global_token_into_uncond(torch.cat([agg, agg]), self.global_index)
+        elif self.fg_from_cond.any():
+            agg = global_token_into_uncond(agg, self.global_index, self.fg_from_cond)
         device = agg.device
         with record_function("goca_scfg::goca_segment"):
             masks, fg = goca_segment(
@@ -970,6 +1061,32 @@ class GoCASegmentor(Segmentor):
                 ends=self.live_ends,
             )
         return resize_nearest(masks, self.latent_hw), resize_nearest(fg, self.latent_hw)
+
+    def _shared_similarity(
+        self, propagation: PropagationInputs, pseudo: Tensor, dense_hw: tuple[int, int]
+    ) -> tuple[PropagationInputs, dict[int, Tensor] | None]:
+        """Where the propagation will form S (`explicit_propagation`, on the segmentation grid) and some of its blocks
+        are cross layers' self siblings on a grid the similarity reads directly, S is formed now and their cond-half
+        s_ℓ read off its rows (`SimilarityTap`): the propagation then uses this S, the similarity skips those rows."""
+        if propagation.row_weights is not None:
+            return propagation, None
+        b, n, _ = propagation.queries[0].shape
+        hw = grid_shape(n, self.latent_hw)
+        if hw != self.seg_hw or not similarity_direct(hw, dense_hw):
+            return propagation, None
+        if not explicit_propagation(b, n, propagation.order, False):  # S of every sample at once: b·N² bounded
+            return propagation, None
+        names = [x.name for x in self.layers.propagation]
+        cross = [self.self_of[x.name] for x in self.layers.cross]
+        layers = {i: names.index(name) for i, name in enumerate(cross) if name in names}
+        if not layers:
+            return propagation, None
+        blocks = tuple(dict.fromkeys(layers.values()))
+        tap = SimilarityTap(pseudo[-b:], hw, dense_hw, self.config.layer_query_stride, blocks)
+        args = (propagation.queries, propagation.keys, propagation.heads, propagation.scales)
+        matrix, sims = mean_self_attention_and_similarity(*args, tap=tap)
+        known = {i: sims[:, blocks.index(j)] for i, j in layers.items()}
+        return replace(propagation, matrix=matrix), known
 
     def _half(self, x: Tensor | None) -> Tensor | None:
         """The cond half of a CFG-batch tensor when only it is segmented (`cond_only`), else the tensor."""
