@@ -159,61 +159,62 @@ def test_head_weights_gram_form(n, c):
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
-@pytest.mark.parametrize("pool", [1, 2])
 @pytest.mark.parametrize("chunk", [1, 50, 2**20])
-def test_similarity_tap_equals_layer_similarity(monkeypatch, stride, pool, chunk):
-    """s_ℓ read off S's rows as S is formed (`SimilarityTap`) equals `layer_similarity` of the same block, and S
-    itself is unchanged by the tap, for any row chunk and query stride."""
+def test_similarity_tap_equals_layer_similarity(monkeypatch, stride, chunk):
+    """s_ℓ read off S's rows as S is formed (`SimilarityTap`, blocks on the dense grid) equals `layer_similarity` of
+    the same block, and S itself is unchanged by the tap, for any row chunk and query stride."""
     monkeypatch.setattr(goca, "_ROW_CHUNK_ELEMENTS", chunk)
     g = _gen(8)
     dense = (3, 4)
-    hw = (dense[0] * pool, dense[1] * pool)
-    n = hw[0] * hw[1]
     heads = [2, 3, 2]
-    qs = [torch.randn(2, n, 6 * h, generator=g) for h in heads]
-    ks = [torch.randn(2, n, 6 * h, generator=g) for h in heads]
+    qs = [torch.randn(2, 12, 6 * h, generator=g) for h in heads]
+    ks = [torch.randn(2, 12, 6 * h, generator=g) for h in heads]
     scales = [0.4, 0.3, 0.4]
     pseudo = pseudo_self_attention(torch.randn(2, 12, 5, generator=g), stride)
-    tap = goca.SimilarityTap(pseudo, hw, dense, stride, blocks=(2, 0))
+    tap = goca.SimilarityTap(pseudo, stride, blocks=(2, 0))
     s, sims = goca.mean_self_attention_and_similarity(qs, ks, heads, scales, tap=tap)
     torch.testing.assert_close(s, mean_self_attention_matrix(qs, ks, heads, scales))
     for slot, j in enumerate(tap.blocks):
-        ref = layer_similarity(pseudo, qs[j], ks[j], heads[j], scales[j], hw, dense, stride)
+        ref = layer_similarity(pseudo, qs[j], ks[j], heads[j], scales[j], dense, dense, stride)
         torch.testing.assert_close(sims[:, slot], ref, atol=1e-6, rtol=1e-5)
 
 
 @torch.no_grad()
-def test_segmentor_shares_the_propagation_rows(monkeypatch):
-    """The SD segmentor reads the cond-half similarity of its propagation blocks off S (one S, the same masks as
-    with the sharing off) on a sharpened tiny SD call."""
-    from goca_scfg.capture import capture_attention
-    from goca_scfg.testing import sharpened, tiny_pipeline
+def test_sdxl_segmentor_shares_the_propagation_rows(monkeypatch):
+    """On SDXL's preset (propagation blocks on the dense grid) the segmentor reads its propagation blocks' cond-half
+    similarity off S (S formed once per step, with the tap) and its layer weights and masks equal those with the
+    sharing off, on a sharpened tiny SDXL call."""
+    from goca_scfg import StableDiffusionXLSCFGPipeline
+    from goca_scfg.testing import sharpened, tiny_xl_components
 
-    pipe = tiny_pipeline()
-    sharpened(pipe.components)
-    prompts = ["a red dog on a green sofa", "two cats, sleeping."]
-    guide = pipe.spatial_guidance("goca", prompts, 128, 128)
-    seg = guide.segmentor
-    emb, neg = pipe.encode_prompt(prompts, "cpu", 1, True)[:2]
-    x = torch.randn(4, 4, 16, 16, generator=_gen(9))
-    calls = []
-    original = goca.mean_self_attention_and_similarity
+    pipe = StableDiffusionXLSCFGPipeline(**sharpened(tiny_xl_components()))
+    pipe.set_progress_bar_config(disable=True)
+    taps, compared = [], []
+    original_s, original_segment = goca.mean_self_attention_and_similarity, goca.GoCASegmentor.segment
 
     def counted(*args, **kwargs):
-        calls.append(kwargs.get("tap"))
-        return original(*args, **kwargs)
+        taps.append(kwargs.get("tap"))
+        return original_s(*args, **kwargs)
+
+    def both(self, step, record):
+        taps.clear()
+        self._layer_weights = None
+        masks, fg = original_segment(self, step, record)
+        assert len(taps) == 1 and taps[0] is not None and len(taps[0].blocks) == len(self.layers.propagation)
+        shared = self._layer_weights
+        with monkeypatch.context() as m:
+            m.setattr(goca.GoCASegmentor, "_shared_similarity", lambda self, p, *_: (p, None))
+            self._layer_weights = None
+            ref_masks, ref_fg = original_segment(self, step, record)
+        compared.append(step)
+        torch.testing.assert_close(shared, self._layer_weights, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(masks, ref_masks)
+        torch.testing.assert_close(fg, ref_fg)
+        return masks, fg
 
     monkeypatch.setattr(goca, "mean_self_attention_and_similarity", counted)
-    with capture_attention(pipe.unet, guide.requests, guide.reducers) as rec:
-        pipe.unet(x, torch.tensor([500] * 4), encoder_hidden_states=torch.cat([neg, emb]))
-        calls.clear()  # the in-forward head-mean maps of coarse similarity-only layers
-        seg._layer_weights = None
-        masks, fg = seg.segment(0, rec)
-        shared_weights = seg._layer_weights
-        assert len(calls) == 1 and calls[0] is not None and calls[0].blocks  # S formed once, with the tap
-        monkeypatch.setattr(goca.GoCASegmentor, "_shared_similarity", lambda self, p, *_: (p, None))
-        seg._layer_weights = None
-        ref_masks, ref_fg = seg.segment(0, rec)
-    torch.testing.assert_close(shared_weights, seg._layer_weights, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(masks, ref_masks)
-    torch.testing.assert_close(fg, ref_fg)
+    monkeypatch.setattr(goca.GoCASegmentor, "segment", both)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    pipe(["a red dog on a green sofa", "two cats, sleeping."], generator=gens, num_inference_steps=2, height=128,
+         width=128, guidance_scale=5.0, output_type="latent", segmentor="goca")  # fmt: skip
+    assert compared == [0, 1]

@@ -11,7 +11,6 @@ pooling for latent-resolution self maps, and S·X as fused attention with the ma
 from __future__ import annotations
 
 import logging
-from bisect import bisect_left
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -361,23 +360,14 @@ def mean_self_attention_matrix(
 
 @dataclass(frozen=True)
 class SimilarityTap:
-    """The layer similarity (§2.4 steps 2–4) of propagation blocks, read off the rows of S as it is formed (§2.6):
-    those blocks' head-mean self maps are then never formed twice. pseudo: (B, Nd', Nd) P of the same samples and
-    `query_stride`; blocks: indices of the blocks whose s_ℓ is wanted; their grid (S's) is the dense grid or one
-    twice as fine (`similarity_direct`)."""
+    """The layer similarity (§2.4 steps 2–4) of propagation blocks on the dense grid itself, read off the rows of S as
+    it is formed (§2.6): those blocks' head maps are then computed once per step, not twice. pseudo: (B, Nd', Nd) P
+    of the same samples and `query_stride`; blocks: indices of the blocks whose s_ℓ is wanted. (On a grid twice as
+    fine the similarity reads a quarter of the rows; summing a block's heads apart then costs more than it saves.)"""
 
     pseudo: Tensor
-    hw: tuple[int, int]
-    dense_hw: tuple[int, int]
     query_stride: int
     blocks: tuple[int, ...]
-
-    def rows(self) -> list[int]:
-        """The block-grid query row each P row reads (nearest: the even (y, x) of a grid twice as fine), ascending."""
-        (h, w), (dh, dw) = self.hw, self.dense_hw
-        pool = h // dh
-        dense = torch.arange(0, dh * dw, self.query_stride)[: self.pseudo.shape[1]]
-        return ((dense // dw * pool) * w + dense % dw * pool).tolist()
 
 
 def similarity_direct(hw: tuple[int, int], dense_hw: tuple[int, int]) -> bool:
@@ -394,8 +384,7 @@ def mean_self_attention_and_similarity(
 ) -> tuple[Tensor, Tensor | None]:
     """`mean_self_attention_matrix`, and with `tap` the similarities s_ℓ (B, len(tap.blocks)) of the tapped blocks
     from the same softmax rows: each tapped block's chunk is summed over its heads apart, its rows that P reads are
-    dotted with P (keys pooled 2×2 on a grid twice as fine), then it joins S. Equal to `layer_similarity` up to
-    float rounding."""
+    dotted with P, then it joins S. Equal to `layer_similarity` up to float rounding."""
     b, n, _ = queries[0].shape
     qs = [(split_heads(q.float(), h) * scale).contiguous() for q, h, scale in zip(queries, heads, scales)]
     kts = [split_heads(k.float(), h).transpose(-1, -2).contiguous() for k, h in zip(keys, heads)]
@@ -403,8 +392,7 @@ def mean_self_attention_and_similarity(
     rows = max(1, _ROW_CHUNK_ELEMENTS // n)
     tapped = {j: slot for slot, j in enumerate(tap.blocks)} if tap is not None else {}
     sims = torch.zeros(b, len(tapped), device=s.device) if tap is not None else None
-    if tap is not None:
-        grid_rows, pool, (dh, dw) = tap.rows(), tap.hw[0] // tap.dense_hw[0], tap.dense_hw
+    stride = tap.query_stride if tap is not None else 1
     for i in range(b):
         for start in range(0, n, rows):
             acc = s[i, start : start + rows]
@@ -415,16 +403,11 @@ def mean_self_attention_and_similarity(
                     block.add_(probs, alpha=1.0 if j in tapped else 1.0 / n_heads)
                 if j not in tapped:
                     continue
-                lo, hi = bisect_left(grid_rows, start), bisect_left(grid_rows, start + acc.shape[0])
-                if hi > lo:
-                    read = block[torch.tensor(grid_rows[lo:hi], device=s.device) - start]  # (m, N)
-                    if pool == 2:
-                        read = read.view(-1, dh, 2, dw, 2).sum(dim=(2, 4)).flatten(1)
-                    sims[i, tapped[j]] += torch.dot(read.flatten(), tap.pseudo[i, lo:hi].flatten())
+                first = -(-start // stride) * stride  # P's rows are the dense rows 0, stride, 2·stride, …
+                read = block[first - start :: stride]
+                p_rows = tap.pseudo[i, first // stride : first // stride + read.shape[0]]
+                sims[i, tapped[j]] += torch.dot(read.flatten(), p_rows.flatten()) / n_heads
                 acc.add_(block, alpha=1.0 / n_heads)
-    if sims is not None:
-        pool = tap.hw[0] // tap.dense_hw[0]
-        sims /= torch.tensor([heads[j] * pool * pool for j in tap.blocks], device=s.device, dtype=torch.float32)
     return s.div_(len(queries)), sims
 
 
@@ -1066,13 +1049,13 @@ class GoCASegmentor(Segmentor):
         self, propagation: PropagationInputs, pseudo: Tensor, dense_hw: tuple[int, int]
     ) -> tuple[PropagationInputs, dict[int, Tensor] | None]:
         """Where the propagation will form S (`explicit_propagation`, on the segmentation grid) and some of its blocks
-        are cross layers' self siblings on a grid the similarity reads directly, S is formed now and their cond-half
+        are cross layers' self siblings on the dense grid (SDXL), S is formed now and their cond-half
         s_ℓ read off its rows (`SimilarityTap`): the propagation then uses this S, the similarity skips those rows."""
         if propagation.row_weights is not None:
             return propagation, None
         b, n, _ = propagation.queries[0].shape
         hw = grid_shape(n, self.latent_hw)
-        if hw != self.seg_hw or not similarity_direct(hw, dense_hw):
+        if hw != self.seg_hw or hw != dense_hw:
             return propagation, None
         if not explicit_propagation(b, n, propagation.order, False):  # S of every sample at once: b·N² bounded
             return propagation, None
@@ -1082,7 +1065,7 @@ class GoCASegmentor(Segmentor):
         if not layers:
             return propagation, None
         blocks = tuple(dict.fromkeys(layers.values()))
-        tap = SimilarityTap(pseudo[-b:], hw, dense_hw, self.config.layer_query_stride, blocks)
+        tap = SimilarityTap(pseudo[-b:], self.config.layer_query_stride, blocks)
         args = (propagation.queries, propagation.keys, propagation.heads, propagation.scales)
         matrix, sims = mean_self_attention_and_similarity(*args, tap=tap)
         known = {i: sims[:, blocks.index(j)] for i, j in layers.items()}
