@@ -138,3 +138,27 @@ def test_bench_flops_flag(bench, tmp_path):
     ]  # fmt: skip
     assert rows[0]["total_ratio"] == 1.0 and rows[1]["total"] > rows[0]["total"]
     assert rows[2]["denoiser"] > 3 * rows[0]["denoiser"]  # twice the batch, twice the pixels
+
+
+def test_bench_interleaved_tiny_smoke(tmp_path):
+    """The interleaved protocol runs end to end on the tiny model: per-method ratios to CFG of the same rounds, the
+    record CFG does not hold and GoCA does, and the stages."""
+    interleaved = _load("bench_interleaved")
+    out = tmp_path / "interleaved.json"
+    argv = ["--tiny", "--size", "64", "--batch", "2", "--methods", "cfg,goca,scfg", "--rounds", "2"]
+    interleaved.main([*argv, "--profile", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["cfg", "goca", "scfg"]
+    assert rows["cfg"]["ratio"] == 1.0 and rows["cfg"]["round_ratios"] == [1.0, 1.0]
+    assert all(len(r["round_ratios"]) == 2 and r["step_s"] > 0 and r["denoiser_s"] > 0 for r in rows.values())
+    assert rows["cfg"]["record_mib"] == 0 and rows["goca"]["record_mib"] > rows["scfg"]["record_mib"] > 0
+    assert {"goca_layer_weights", "goca_segment", "rate"} <= set(rows["goca"]["stages_ms"])
+    assert "stages_ms" not in rows["cfg"] and "peak_gib" not in rows["cfg"]
+
+
+@pytest.mark.slow
+def test_bench_interleaved_memory_fresh_processes():
+    """--memory: each method's peak in a fresh process, as ratios to CFG's."""
+    interleaved = _load("bench_interleaved")
+    rows = interleaved.main(["--tiny", "--size", "64", "--methods", "cfg,goca", "--rounds", "1", "--memory"])["rows"]
+    assert rows["cfg"]["peak_ratio"] == 1.0 and rows["goca"]["peak_gib"] > 0.1
