@@ -147,7 +147,9 @@ class GoCAConfig:
 
     @classmethod
     def fast(cls, refresh: int = 5, query_stride: int = 2) -> GoCAConfig:
-        """Opt-in fast mode: layer weights refreshed every `refresh` steps on every `query_stride`-th dense row."""
+        """Opt-in fast mode: layer weights refreshed every `refresh` steps on every `query_stride`-th dense row.
+
+        Not recommended: since the similarity is chunked it saves about 1 % of a CFG step (bench/RESULTS.md)."""
         return cls(layer_refresh=refresh, layer_query_stride=query_stride)
 
     def is_exact(self) -> bool:
