@@ -133,8 +133,8 @@ def layer_similarity(
 
     pseudo: (B, Nd', Nd) from `pseudo_self_attention` with the same `query_stride`; self_q, self_k: (B, N, C) of
     the block's attn1 (self_q may already hold only the even rows). The dense grid itself (no resize) and a grid
-    twice as fine (even query rows and 2×2 key pooling: exactly the bilinear/nearest resize, §4.3) run all heads at
-    once over bounded row chunks (`_similarity_chunked`); other grids take the head-mean map (`self_map` when given,
+    twice as fine (even query rows and 2×2 key pooling: exactly the bilinear/nearest resize, §4.3) run one head and
+    cache-sized row chunk at a time (`_similarity_chunked`); other grids take the head-mean map (`self_map` when given,
     else formed from q and k) against the resize's adjoint applied to P (`resize_adjoint`, or `adjoint` when given:
     it depends only on P and the grids). Returns (B,).
     """
