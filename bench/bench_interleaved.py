@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ is no package: its sibling bench_guidance
 import step_flops  # noqa: E402
-from bench_guidance import ARCHS, Case, _generate, _sync, build_pipeline  # noqa: E402
+from bench_guidance import ARCHS, Case, _sync, build_pipeline, profile_stages, run_once  # noqa: E402
 
 from goca_scfg.vocab import BASELINE, DTYPE_NAMES, METHOD_NAMES, get_method  # noqa: E402
 
@@ -63,27 +63,15 @@ class DenoiserClock:
 
 
 def step_seconds(pipe, args, method: str) -> float:
-    """Seconds per denoising step of one `--steps`-step latent-output call of `method`."""
-    _sync(args.device)
-    start = time.perf_counter()
-    _generate(pipe, Case(args.size, args.size, args.batch), args.steps, **get_method(method).pipeline_kwargs())
-    _sync(args.device)
-    return (time.perf_counter() - start) / args.steps
+    """Seconds per denoising step of one `--steps`-step latent-output call of `method` (`run_once`)."""
+    return run_once(pipe, Case(args.size, args.size, args.batch), method, args.steps, args.device)[0] / args.steps
 
 
 def stages(pipe, args, method: str) -> dict[str, float]:
-    """Milliseconds per step of each `goca_scfg::*` stage in one call (torch.profiler, CPU or device time)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    with profile(activities=activities) as prof:
-        step_seconds(pipe, args, method)
-    out = {}
-    for evt in prof.key_averages():
-        if evt.key.startswith("goca_scfg::"):
-            total = max(evt.cpu_time_total, getattr(evt, "device_time_total", 0) or 0)
-            out[evt.key[len("goca_scfg::") :]] = total / 1e3 / args.steps
-    return out
+    """Milliseconds per step of each `goca_scfg::*` stage in one call, no warm-up (`profile_stages`)."""
+    one_call = argparse.Namespace(**{**vars(args), "warmup_steps": 0, "profile_steps": args.steps})
+    profiled = profile_stages(pipe, Case(args.size, args.size, args.batch), method, one_call)
+    return {key.removeprefix("goca_scfg::"): ms for key, ms in profiled.items()}
 
 
 def peak_memory(args, method: str) -> float:
@@ -100,13 +88,8 @@ def peak_memory(args, method: str) -> float:
 def single(args) -> None:
     """--single METHOD: one call in this fresh process; prints its peak memory in GiB."""
     pipe = build_pipeline(args)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    step_seconds(pipe, args, args.single)
-    if args.device.startswith("cuda"):
-        print(torch.cuda.max_memory_allocated() / 2**30)
-    else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB on Linux
+    _, cuda_peak = run_once(pipe, Case(args.size, args.size, args.batch), args.single, args.steps, args.device)
+    print(cuda_peak if cuda_peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB
 
 
 def main(argv: list[str] | None = None) -> dict:
