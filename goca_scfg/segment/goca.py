@@ -558,25 +558,17 @@ def goca_layer_weights(
         if x.self_map is not None or not similarity_direct(x.hw, dense_hw):
             if x.hw not in adjoints:
                 adjoints[x.hw] = resize_adjoint(pseudo, x.hw, dense_hw, stride)
-        given = known.get(index, pseudo[:0, 0, 0])
-        rows = slice(0, batch - given.shape[0])
-
-        def part(t: Tensor | None, rows: slice = rows) -> Tensor | None:
-            return t[rows] if t is not None else None
-
-        computed = layer_similarity(
-            pseudo[rows],
-            part(x.self_q),
-            part(x.self_k),
-            x.self_heads,
-            x.self_scale,
-            x.hw,
-            dense_hw,
-            stride,
-            self_map=part(x.self_map),
-            adjoint=part(adjoints.get(x.hw)),
-        ) if rows.stop else given[:0]  # fmt: skip
-        sims.append(torch.cat([computed, given.to(computed.dtype)]))
+        given = known.get(index)
+        todo = batch - (given.shape[0] if given is not None else 0)  # the first rows; `given` holds the rest
+        if todo == 0:
+            sims.append(given)
+            continue
+        fields = (x.self_q, x.self_k, x.self_map, adjoints.get(x.hw))
+        q, k, self_map, adjoint = (t[:todo] if t is not None else None for t in fields)
+        s_l = layer_similarity(
+            pseudo[:todo], q, k, x.self_heads, x.self_scale, x.hw, dense_hw, stride, self_map=self_map, adjoint=adjoint
+        )
+        sims.append(s_l if given is None else torch.cat([s_l, given.to(s_l.dtype)]))
     return layer_weights_similarity(torch.stack(sims, dim=1), config.eps)
 
 
